@@ -1,0 +1,128 @@
+"""What hook implementations see: the connection, the envelope and the message.
+
+These are plain objects owned by the core. Plugins read them, keep their own
+per-connection scratch data in ``notes``, and publish typed results for other
+plugins in ``Envelope.results`` (DMARC reads what SPF and DKIM put there).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from email.message import Message as EmailMessage
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictRecord:
+    """A verdict as the core recorded it: who gave it, where, and whether it counted."""
+
+    plugin: str
+    stage: str
+    rule: str
+    action: str
+    reason: str
+    enforced: bool
+    score: float = 0.0
+
+    def label(self) -> str:
+        """``rule:action`` for the decision log, with ``(monitor)`` when not enforced."""
+        suffix = "" if self.enforced else "(monitor)"
+        return f"{self.rule}:{self.action}{suffix}"
+
+
+@dataclass(slots=True)
+class Scorecard:
+    """Score, headers to add and verdicts, collected over a session or a transaction."""
+
+    score: float = 0.0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    verdicts: list[VerdictRecord] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Session:
+    """One client connection, from accept to close."""
+
+    id: str
+    client_ip: IPAddress
+    client_port: int
+    local_hostname: str
+    trusted: bool = False
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    started: float = field(default_factory=time.monotonic)
+    transactions: int = 0
+    card: Scorecard = field(default_factory=Scorecard)
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Per-connection scratch space for plugins, keyed by plugin name."""
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One mail transaction: MAIL FROM, the accepted recipients, and what was decided."""
+
+    id: str
+    sender: str
+    mail_options: list[str] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
+    smtputf8: bool = False
+    started: float = field(default_factory=time.monotonic)
+    card: Scorecard = field(default_factory=Scorecard)
+    results: dict[str, Any] = field(default_factory=dict)
+    """Typed results that plugins publish for each other (``results["spf"]``)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Per-transaction scratch space for plugins, keyed by plugin name."""
+
+    @property
+    def sender_domain(self) -> str:
+        """The domain of the envelope sender, lower-cased; empty for the null sender."""
+        return self.sender.rpartition("@")[2].lower() if "@" in self.sender else ""
+
+
+class Message:
+    """The message as received at end of DATA: raw bytes, with CRLF line endings.
+
+    ``raw`` is exactly what will be relayed (after the headers the core adds), so
+    checks that read it judge the bytes that go upstream. ``parsed`` is a lazily
+    built header-only view from Python's ``email`` package, for convenience.
+    """
+
+    __slots__ = ("_parsed", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parsed: EmailMessage | None = None
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The header section, up to and including the empty line (or all of it if none)."""
+        end = self.raw.find(b"\r\n\r\n")
+        return self.raw if end < 0 else self.raw[: end + 4]
+
+    @property
+    def body(self) -> bytes:
+        """Everything after the empty line that ends the header section."""
+        end = self.raw.find(b"\r\n\r\n")
+        return b"" if end < 0 else self.raw[end + 4 :]
+
+    @property
+    def parsed(self) -> EmailMessage:
+        """The header section parsed by ``email`` (compat32: no surprises on bad input)."""
+        if self._parsed is None:
+            parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+            self._parsed = parser.parsebytes(self.header_bytes)
+        return self._parsed
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header ``name`` (case-insensitive), in order."""
+        return [str(v) for v in self.parsed.get_all(name, [])]
+
+    def __len__(self) -> int:
+        return len(self.raw)

@@ -1,0 +1,90 @@
+"""The decision log: one ``key=value`` line per transaction, saying what happened and why.
+
+Example::
+
+    txn=3f9a1c.1 client=192.0.2.7 helo=mx.example.net from=<a@example.net>
+    rcpts=<b@example.com> rejected_rcpts=<c@example.com>:550
+    verdicts=headers.missing_date:tag,spf.fail:reject(monitor) outcome=delivered
+    reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1" size=5120 ms=12
+
+Message bodies and header values never appear here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+
+from gateway.context import Envelope, Session, VerdictRecord
+from gateway.verdict import Reply
+
+log = logging.getLogger("mailgate.decision")
+
+_BARE = re.compile(r"^[^\s\"=\\]*$")
+
+
+def _value(value: object) -> str:
+    text = str(value)
+    if _BARE.match(text) and text:
+        return text
+    escaped = (
+        text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "\\r").replace("\n", "\\n")
+    )
+    return f'"{escaped}"'
+
+
+def format_fields(fields: Iterable[tuple[str, object]]) -> str:
+    """``key=value`` pairs separated by spaces, values quoted where needed."""
+    return " ".join(f"{key}={_value(value)}" for key, value in fields)
+
+
+def _verdicts(records: list[VerdictRecord]) -> str:
+    return ",".join(r.label() for r in records) or "-"
+
+
+def log_transaction(
+    session: Session,
+    envelope: Envelope,
+    *,
+    outcome: str,
+    reply: Reply | None,
+    upstream: Reply | None,
+    rejected: list[tuple[str, Reply]],
+    size: int | None,
+) -> None:
+    """Write the one decision line for a finished (or abandoned) transaction."""
+    fields: list[tuple[str, object]] = [
+        ("txn", envelope.id),
+        ("client", session.client_ip),
+        ("helo", session.helo or "-"),
+        ("from", f"<{envelope.sender}>"),
+        ("rcpts", ",".join(f"<{r}>" for r in envelope.recipients) or "-"),
+    ]
+    if rejected:
+        fields.append(("rejected_rcpts", ",".join(f"<{r}>:{rep.code}" for r, rep in rejected)))
+    fields += [
+        ("verdicts", _verdicts(envelope.card.verdicts)),
+        ("score", f"{envelope.card.score:g}"),
+        ("outcome", outcome),
+        ("reply", str(reply) if reply else "-"),
+        ("upstream", str(upstream) if upstream else "-"),
+    ]
+    if size is not None:
+        fields.append(("size", size))
+    fields.append(("ms", round((time.monotonic() - envelope.started) * 1000)))
+    log.info(format_fields(fields))
+
+
+def log_connection(session: Session, *, outcome: str, reply: Reply | None = None) -> None:
+    """Write the decision line for a connection refused before any transaction."""
+    fields: list[tuple[str, object]] = [
+        ("session", session.id),
+        ("client", session.client_ip),
+        ("helo", session.helo or "-"),
+        ("verdicts", _verdicts(session.card.verdicts)),
+        ("outcome", outcome),
+        ("reply", str(reply) if reply else "-"),
+    ]
+    log.info(format_fields(fields))

@@ -1,0 +1,98 @@
+"""One DNS resolver per process, shared by every plugin that looks things up.
+
+Built on dnspython. Names are always queried as absolute names with no search
+list (a resolv.conf ``search``/``ndots`` must never turn ``example.com`` into
+``example.com.corp.internal``). The async and the blocking resolver share one
+TTL-respecting cache, so pyspf (which runs in a thread) and async plugins warm
+it for each other.
+
+Outcomes are explicit: an answer, ``None`` for "no such name or no such
+record" (NXDOMAIN, NODATA), or :class:`DnsTempError` for a timeout, SERVFAIL
+or a network error, which checks must treat as "try again later", never as a
+failure of the thing being checked.
+"""
+
+from __future__ import annotations
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from gateway.policy import Dns as DnsConfig
+from gateway.policy import split_host_port
+
+
+class DnsTempError(Exception):
+    """A lookup that could not be answered now (timeout, SERVFAIL, network error)."""
+
+
+def _configure(
+    resolver: dns.resolver.Resolver | dns.asyncresolver.Resolver,
+    config: DnsConfig,
+    cache: dns.resolver.LRUCache,
+) -> None:
+    if config.nameservers:
+        servers = [split_host_port(entry, 53) for entry in config.nameservers]
+        resolver.nameservers = [host for host, _ in servers]
+        resolver.nameserver_ports = {host: port for host, port in servers}
+    resolver.lifetime = config.timeout
+    resolver.timeout = config.timeout
+    resolver.search = []
+    resolver.use_search_by_default = False
+    resolver.cache = cache
+
+
+def _absolute(name: str) -> dns.name.Name:
+    return dns.name.from_text(name.rstrip(".") + ".")
+
+
+class Resolver:
+    """Async and blocking lookups through one configuration and one cache."""
+
+    def __init__(self, config: DnsConfig) -> None:
+        self.config = config
+        self.cache = dns.resolver.LRUCache(max(config.cache_size, 1))
+        # configure=False when nameservers are given: do not read resolv.conf at all.
+        configure = not config.nameservers
+        self._async = dns.asyncresolver.Resolver(configure=configure)
+        self._sync = dns.resolver.Resolver(configure=configure)
+        for resolver in (self._async, self._sync):
+            _configure(resolver, config, self.cache)
+
+    async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """Look up ``name``/``rdtype``; None for NXDOMAIN or no such record."""
+        try:
+            return await self._async.resolve(_absolute(name), rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:
+            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
+        except dns.exception.DNSException as exc:
+            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
+
+    def query_sync(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """Blocking :meth:`query`, for libraries that run in a worker thread."""
+        try:
+            return self._sync.resolve(_absolute(name), rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:
+            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
+        except dns.exception.DNSException as exc:
+            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
+
+    async def txt(self, name: str) -> list[bytes] | None:
+        """The TXT records of ``name``, each with its strings joined; None if there are none."""
+        answer = await self.query(name, "TXT")
+        if answer is None:
+            return None
+        return [b"".join(rdata.strings) for rdata in answer]
+
+    async def addresses(self, name: str, rdtype: str = "A") -> list[str] | None:
+        """The A (or AAAA) addresses of ``name`` as text; None if there are none."""
+        answer = await self.query(name, rdtype)
+        if answer is None:
+            return None
+        return [rdata.to_text() for rdata in answer]

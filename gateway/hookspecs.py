@@ -1,0 +1,151 @@
+"""The plugin contract: every hook mailgate calls, in the order a connection meets them.
+
+A hook implementation is a method marked ``@hookimpl`` on a plugin class. It may
+be ``def`` or ``async def``; the core awaits what is awaitable, under the
+plugin's ``timeout`` from the policy. It may take any subset of the arguments
+named here (pluggy matches them by name).
+
+Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion) or a
+:class:`~gateway.verdict.Verdict`. The core calls plugins in policy order; the
+first accept, reject or tempfail ends the stage, tags add up. A plugin that
+raises or times out gets the client a ``451 4.3.0``; in ``monitor`` mode its
+verdicts and errors are logged and change nothing. Event hooks
+(``on_disconnect``, ``on_delivered``, ``on_startup``, ``on_shutdown``) return
+nothing; an error there is logged and does not affect mail.
+
+pluggy's ``firstresult`` is never used: with ``async def`` implementations a
+coroutine is "not None" and would win unrun, so the stage runner in
+``gateway.stages`` does the calling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gateway.context import Envelope, Message, Session
+    from gateway.runtime import StartupContext
+    from gateway.verdict import Reply, Verdict
+
+hookspec = pluggy.HookspecMarker("mailgate")
+hookimpl = pluggy.HookimplMarker("mailgate")
+
+# --------------------------------------------------------------------------
+# Lifecycle
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def on_startup(context: StartupContext) -> Awaitable[None] | None:
+    """Prepare the plugin once the policy is loaded, before the first connection.
+
+    Runs when the gateway starts and again for the new plugin instances after a
+    reload. Open connections to external services here, not in ``__init__``,
+    so that ``mailgate check`` stays side-effect free.
+
+    :param context: shared services: ``hostname``, ``dns`` (the process's
+        resolver), ``state`` (the rate-limit/greylist store) and the ``policy``.
+    """
+
+
+@hookspec
+def on_shutdown() -> Awaitable[None] | None:
+    """Release what ``on_startup`` opened. Runs at exit and for the old plugins after a reload."""
+
+
+# --------------------------------------------------------------------------
+# SMTP stages
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def on_connect(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
+    """Judge a new connection, after accept and before the banner.
+
+    :param session: the connection; ``client_ip``, ``client_port`` and
+        ``trusted`` are set, ``helo`` is not yet.
+    :return: a reject or tempfail refuses the connection (the client gets the
+        reply instead of the banner and is disconnected); a tag applies to every
+        transaction of the connection.
+    """
+
+
+@hookspec
+def on_helo(session: Session, hostname: str) -> Verdict | Awaitable[Verdict | None] | None:
+    """Judge the HELO or EHLO greeting.
+
+    :param session: the connection; ``session.esmtp`` says whether it was EHLO.
+    :param hostname: the name the client gave, as sent.
+    :return: a reject or tempfail refuses the greeting (the client may try again).
+    """
+
+
+@hookspec
+def on_mail(
+    session: Session, envelope: Envelope, sender: str
+) -> Verdict | Awaitable[Verdict | None] | None:
+    """Judge MAIL FROM, before it is forwarded upstream.
+
+    :param session: the connection.
+    :param envelope: the new transaction; ``envelope.sender`` is set.
+    :param sender: the reverse-path without angle brackets; ``""`` is the null sender.
+    :return: a reject or tempfail refuses the sender and nothing goes upstream.
+    """
+
+
+@hookspec
+def on_rcpt(
+    session: Session, envelope: Envelope, recipient: str
+) -> Verdict | Awaitable[Verdict | None] | None:
+    """Judge one RCPT TO, before it is forwarded upstream.
+
+    The built-in relay control runs last (``trylast``): it refuses recipients
+    outside ``domains`` from clients outside ``trusted_networks``. Returning an
+    accept from a plugin pre-empts it, so use accept here with care.
+
+    :param session: the connection.
+    :param envelope: the transaction; ``recipients`` holds those accepted so far.
+    :param recipient: the forward-path without angle brackets.
+    :return: a reject or tempfail refuses this recipient only.
+    """
+
+
+@hookspec
+def on_data(
+    session: Session, envelope: Envelope, message: Message
+) -> Verdict | Awaitable[Verdict | None] | None:
+    """Judge the message at end of DATA, before it is sent upstream.
+
+    :param session: the connection.
+    :param envelope: the transaction with every accepted recipient.
+    :param message: the raw message (CRLF line endings, as it will be relayed).
+    :return: a reject or tempfail refuses the message for every recipient; tags
+        add score and headers. After this stage the total score is compared with
+        the policy's ``scoring`` thresholds.
+    """
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def on_delivered(session: Session, envelope: Envelope, reply: Reply) -> Awaitable[None] | None:
+    """Learn that a message was accepted upstream.
+
+    :param session: the connection.
+    :param envelope: the transaction, with every verdict recorded.
+    :param reply: the upstream's reply that the client was given.
+    """
+
+
+@hookspec
+def on_disconnect(session: Session) -> Awaitable[None] | None:
+    """Learn that a connection closed, however it ended.
+
+    :param session: the connection, with its counters final.
+    """

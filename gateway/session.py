@@ -1,0 +1,291 @@
+"""One client connection: SMTP commands -> stage hooks -> verdict -> relay.
+
+``SmtpSession`` is the aiosmtpd handler for a single connection (the listener
+builds one per accepted socket). Each ``handle_*`` method runs the stage's
+hooks through the runtime's stage runner; when the stage lets the command
+through, the command is forwarded upstream in lockstep and the upstream's
+reply is the client's reply. Every transaction ends in exactly one decision
+log line, however it ends (delivered, refused, reset, disconnected).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.context import Envelope, Message, Scorecard, Session
+from gateway.decisionlog import log_connection, log_transaction
+from gateway.relay import UpstreamTransaction
+from gateway.runtime import Runtime
+from gateway.verdict import Reply
+
+log = logging.getLogger("mailgate.session")
+
+TOO_MANY_RECIPIENTS = Reply(452, "Too many recipients", "4.5.3")
+INTERNAL_ERROR = Reply(451, "Internal error, try again later", "4.3.0")
+SPAM_REJECT = Reply(550, "Message refused as spam", "5.7.1")
+
+# MAIL parameters we pass on; aiosmtplib adds SIZE itself.
+_FORWARDED_MAIL_OPTIONS = ("BODY=8BITMIME", "BODY=7BIT", "SMTPUTF8")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+
+
+@dataclass(slots=True)
+class _Transaction:
+    envelope: Envelope
+    upstream: UpstreamTransaction | None = None
+    rejected: list[tuple[str, Reply]] = field(default_factory=list)
+
+
+def _address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """One header field, with any CR/LF in the value turned into spaces (no injection)."""
+    clean = value.replace("\r", " ").replace("\n", " ")
+    return f"{name}: {clean}\r\n".encode("utf-8", "surrogateescape")
+
+
+class SmtpSession:
+    """The aiosmtpd handler for one connection, holding that connection's state."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.session: Session | None = None
+        self.txn: _Transaction | None = None
+
+    # ---------------------------------------------------------------- connect
+
+    async def connect(self, peer: tuple[str, int]) -> Reply | None:
+        """Start the session for ``peer``; return a reply to refuse the connection."""
+        ip = ipaddress.ip_address(peer[0].partition("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        self.session = session = Session(
+            id=secrets.token_hex(5),
+            client_ip=ip,
+            client_port=peer[1],
+            local_hostname=self.rt.policy.hostname,
+            trusted=self.rt.policy.is_trusted(ip),
+        )
+        outcome = await self.rt.runner.run_stage(
+            "on_connect", session.card, session.id, session=session
+        )
+        if outcome.reply is not None:
+            log_connection(session, outcome="refused", reply=outcome.reply)
+        return outcome.reply
+
+    async def disconnected(self) -> None:
+        """The connection is gone: abandon any transaction, tell the plugins."""
+        self._finish("aborted", None, abort_upstream=True)
+        if self.session is not None:
+            await self.rt.runner.run_event("on_disconnect", session=self.session)
+
+    # ---------------------------------------------------------------- greeting
+
+    async def _greet(self, hostname: str, esmtp: bool) -> Reply | None:
+        assert self.session is not None
+        await self._reset()
+        self.session.helo = hostname
+        self.session.esmtp = esmtp
+        outcome = await self.rt.runner.run_stage(
+            "on_helo", self.session.card, self.session.id, session=self.session, hostname=hostname
+        )
+        if outcome.reply is not None:
+            log_connection(self.session, outcome="helo refused", reply=outcome.reply)
+        return outcome.reply
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        """HELO: run on_helo; aiosmtpd needs ``host_name`` set for MAIL to be allowed."""
+        reply = await self._greet(hostname, esmtp=False)
+        if reply is not None:
+            return reply.render()
+        session.host_name = hostname
+        return f"250 {self.rt.policy.hostname}"
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """EHLO: run on_helo and advertise our extensions (never AUTH on a relay port)."""
+        reply = await self._greet(hostname, esmtp=True)
+        if reply is not None:
+            return [reply.render()]
+        session.host_name = hostname
+        return [line for line in responses if not line[4:].startswith("AUTH")]
+
+    # ---------------------------------------------------------------- transaction
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        """MAIL FROM: run on_mail, then open the upstream transaction and relay its reply."""
+        assert self.session is not None
+        await self._reset()
+        self.session.transactions += 1
+        inherited = Scorecard(self.session.card.score, list(self.session.card.headers))
+        env = Envelope(
+            id=f"{self.session.id}.{self.session.transactions}",
+            sender=address,
+            mail_options=list(mail_options),
+            smtputf8="SMTPUTF8" in mail_options,
+            card=inherited,
+        )
+        self.txn = txn = _Transaction(env)
+        outcome = await self.rt.runner.run_stage(
+            "on_mail", env.card, env.id, session=self.session, envelope=env, sender=address
+        )
+        if outcome.reply is not None:
+            self._finish("refused at MAIL", outcome.reply)
+            return outcome.reply.render()
+        txn.upstream = self.rt.upstream.begin()
+        options = [o for o in mail_options if o in _FORWARDED_MAIL_OPTIONS]
+        reply = await txn.upstream.mail(address, options)
+        if not reply.positive:
+            txn.upstream = None  # the relay has already released the connection
+            self._finish("refused upstream at MAIL", reply, upstream=reply)
+            return reply.render()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return reply.render()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        """RCPT TO: run on_rcpt, then forward it and relay the upstream's reply."""
+        assert self.session is not None and self.txn is not None
+        txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
+        assert upstream is not None
+        if len(env.recipients) >= self.rt.policy.limits.recipients:
+            txn.rejected.append((address, TOO_MANY_RECIPIENTS))
+            return TOO_MANY_RECIPIENTS.render()
+        outcome = await self.rt.runner.run_stage(
+            "on_rcpt", env.card, env.id, session=self.session, envelope=env, recipient=address
+        )
+        reply = outcome.reply or await upstream.rcpt(address)
+        if reply.positive:
+            env.recipients.append(address)
+            envelope.rcpt_tos.append(address)
+        else:
+            txn.rejected.append((address, reply))
+        return reply.render()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        """End of DATA: run on_data and scoring, then relay and return the upstream's reply."""
+        assert self.session is not None and self.txn is not None
+        txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
+        assert upstream is not None
+        raw: bytes = envelope.original_content
+        message = Message(raw)
+        try:
+            outcome = await self.rt.runner.run_stage(
+                "on_data", env.card, env.id, session=self.session, envelope=env, message=message
+            )
+            reply = outcome.reply or self._apply_scoring(env)
+            if reply is not None:
+                self._finish("refused at DATA", reply, size=len(raw))
+                await upstream.reset()
+                return reply.render()
+            upstream_reply = await upstream.data(self._added_headers(env) + raw)
+        except BaseException:
+            self._finish("aborted", None, abort_upstream=True, size=len(raw))
+            raise
+        txn.upstream = None
+        outcome_name = "delivered" if upstream_reply.positive else "refused upstream at DATA"
+        self._finish(outcome_name, upstream_reply, upstream=upstream_reply, size=len(raw))
+        if upstream_reply.positive:
+            await self.rt.runner.run_event(
+                "on_delivered", session=self.session, envelope=env, reply=upstream_reply
+            )
+        return upstream_reply.render()
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        """RSET: abandon the transaction here and upstream."""
+        await self._reset()
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        """QUIT: abandon any open transaction and say goodbye."""
+        await self._reset()
+        return "221 2.0.0 Bye"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected error in our code: log it, drop the upstream, answer 451 (not 500)."""
+        txn_id = self.txn.envelope.id if self.txn else (self.session.id if self.session else "-")
+        log.error("internal error: txn=%s", txn_id, exc_info=error)
+        self._finish("aborted", INTERNAL_ERROR, abort_upstream=True)
+        return INTERNAL_ERROR.render()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _apply_scoring(self, env: Envelope) -> Reply | None:
+        scoring = self.rt.policy.scoring
+        score = env.card.score
+        if scoring.reject is not None and score >= scoring.reject:
+            return SPAM_REJECT
+        if scoring.tag is not None and score >= scoring.tag:
+            env.card.headers.append((scoring.flag_header, "YES"))
+        if env.card.verdicts and any(v.score for v in env.card.verdicts):
+            env.card.headers.append((scoring.score_header, f"{score:g}"))
+        return None
+
+    def _added_headers(self, env: Envelope) -> bytes:
+        """Received first (top), then the plugins' headers in the order they were added."""
+        assert self.session is not None
+        s = self.session
+        proto = ("UTF8SMTP" if env.smtputf8 else "ESMTP" if s.esmtp else "SMTP") + (
+            "S" if s.tls else ""
+        )
+        rcpt = f"\r\n\tfor <{env.recipients[0]}>" if len(env.recipients) == 1 else ""
+        received = (
+            f"from {s.helo} ({_address_literal(s.client_ip)})\r\n"
+            f"\tby {s.local_hostname} (mailgate) with {proto} id {env.id}{rcpt};\r\n"
+            f"\t{email.utils.formatdate(localtime=True)}"
+        )
+        lines = [f"Received: {received}\r\n".encode("utf-8", "surrogateescape")]
+        for name, value in env.card.headers:
+            if _HEADER_NAME.match(name):
+                lines.append(_header_line(name, value))
+            else:
+                log.warning("dropped header with invalid name %r: txn=%s", name, env.id)
+        return b"".join(lines)
+
+    async def _reset(self) -> None:
+        """Close out an open transaction (RSET, new MAIL, HELO, QUIT) and RSET upstream."""
+        txn = self.txn
+        if txn is None:
+            return
+        upstream = txn.upstream
+        self._finish("reset", None)
+        if upstream is not None:
+            await upstream.reset()
+
+    def _finish(
+        self,
+        outcome: str,
+        reply: Reply | None,
+        *,
+        abort_upstream: bool = False,
+        upstream: Reply | None = None,
+        size: int | None = None,
+    ) -> None:
+        """Log the transaction's decision line once and forget it."""
+        txn, self.txn = self.txn, None
+        if txn is None or self.session is None:
+            return
+        if abort_upstream and txn.upstream is not None:
+            txn.upstream.abort()
+        log_transaction(
+            self.session,
+            txn.envelope,
+            outcome=outcome,
+            reply=reply,
+            upstream=upstream,
+            rejected=txn.rejected,
+            size=size,
+        )

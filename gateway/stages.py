@@ -1,0 +1,175 @@
+"""The stage runner: call one hook's implementations in order and reduce them to a decision.
+
+pluggy registers and orders the plugins; this module calls them, because
+pluggy's own calling cannot await coroutines. For each implementation, in
+policy order (``tryfirst``/``trylast`` respected):
+
+- call it with the arguments it asks for, await the result if awaitable, under
+  the plugin's ``timeout``;
+- ``None``: go on. A tag: add its score and headers, go on. An accept, reject
+  or tempfail: stop; the stage's reply is the verdict's (none for accept);
+- in ``monitor`` mode (the plugin's, or the rule's in ``rule_modes``) the
+  verdict is recorded as "would have" and changes nothing; a rule in ``off``
+  mode is dropped;
+- an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
+  mode it is only logged), so no mail passes a filter that did not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.context import Scorecard, VerdictRecord
+from gateway.registry import EVENTS, STAGES, PluginSet, PluginSettings
+from gateway.verdict import Action, Reply, Verdict
+
+log = logging.getLogger("mailgate.plugins")
+
+PLUGIN_FAILURE = Reply(451, "Temporary filter failure, try again later", "4.3.0")
+
+
+@dataclass(frozen=True, slots=True)
+class _Impl:
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    settings: PluginSettings
+
+
+@dataclass(slots=True)
+class StageOutcome:
+    """What one stage decided."""
+
+    reply: Reply | None = None
+    """The reply that ends the stage (reject, tempfail, plugin failure); None to go on."""
+    accepted_by: str | None = None
+    """The rule id of an accept that ended the stage early."""
+    records: list[VerdictRecord] = field(default_factory=list)
+
+
+class StageRunner:
+    """Runs stage and event hooks for one loaded policy."""
+
+    def __init__(self, plugin_set: PluginSet) -> None:
+        self.plugin_set = plugin_set
+        self._impls: dict[str, list[_Impl]] = {}
+        for hook in (*STAGES, *EVENTS):
+            impls = reversed(getattr(plugin_set.manager.hook, hook).get_hookimpls())
+            self._impls[hook] = [
+                _Impl(
+                    i.plugin_name,
+                    i.function,
+                    tuple(i.argnames),
+                    plugin_set.plugins[i.plugin_name].settings,
+                )
+                for i in impls
+            ]
+
+    def has(self, hook: str) -> bool:
+        """True when some plugin implements ``hook``."""
+        return bool(self._impls[hook])
+
+    async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
+        result = impl.function(*[kwargs[name] for name in impl.argnames])
+        if inspect.isawaitable(result):
+            async with asyncio.timeout(impl.settings.timeout):
+                result = await result
+        return result
+
+    async def run_stage(
+        self, stage: str, card: Scorecard, txn_id: str, **kwargs: Any
+    ) -> StageOutcome:
+        """Run the ``stage`` hook; record verdicts and add tags to ``card``."""
+        outcome = StageOutcome()
+        for impl in self._impls[stage]:
+            monitor = impl.settings.mode == "monitor"
+            try:
+                result = await self._call(impl, kwargs)
+            except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    what = f"timed out after {impl.settings.timeout:g}s"
+                    exc_info = False
+                else:
+                    what = f"raised {type(exc).__name__}"
+                    exc_info = True
+                log.error(
+                    "plugin error: txn=%s plugin=%s hook=%s %s%s",
+                    txn_id,
+                    impl.plugin,
+                    stage,
+                    what,
+                    " (monitor: ignored)" if monitor else "",
+                    exc_info=exc_info,
+                )
+                record = VerdictRecord(
+                    impl.plugin, stage, f"{impl.plugin}.error", "tempfail", what, not monitor
+                )
+                card.verdicts.append(record)
+                outcome.records.append(record)
+                if monitor:
+                    continue
+                outcome.reply = PLUGIN_FAILURE
+                return outcome
+            if result is None:
+                continue
+            if not isinstance(result, Verdict):
+                log.error(
+                    "plugin error: txn=%s plugin=%s hook=%s returned %r, not a Verdict or None",
+                    txn_id,
+                    impl.plugin,
+                    stage,
+                    type(result).__name__,
+                )
+                if monitor:
+                    continue
+                outcome.reply = PLUGIN_FAILURE
+                return outcome
+            rule_mode = impl.settings.rule_modes.get(result.rule, impl.settings.mode)
+            if rule_mode == "off":
+                continue
+            enforced = rule_mode == "enforce"
+            record = VerdictRecord(
+                impl.plugin,
+                stage,
+                result.rule,
+                result.action.value,
+                result.reason,
+                enforced,
+                result.score,
+            )
+            card.verdicts.append(record)
+            outcome.records.append(record)
+            log.debug(
+                "verdict: txn=%s plugin=%s hook=%s rule=%s action=%s enforced=%s reason=%s",
+                txn_id,
+                impl.plugin,
+                stage,
+                result.rule,
+                result.action.value,
+                enforced,
+                result.reason,
+            )
+            if not enforced:
+                continue
+            if result.action is Action.TAG:
+                card.score += result.score
+                card.headers.extend(result.headers)
+                continue
+            if result.action is Action.ACCEPT:
+                outcome.accepted_by = result.rule
+            outcome.reply = result.reply()
+            return outcome
+        return outcome
+
+    async def run_event(self, event: str, **kwargs: Any) -> None:
+        """Run an event hook; errors are logged and never reach the client."""
+        for impl in self._impls[event]:
+            try:
+                await self._call(impl, kwargs)
+            except Exception:
+                log.exception("plugin error: plugin=%s hook=%s", impl.plugin, event)
