@@ -4,8 +4,8 @@ Example::
 
     txn=3f9a1c.1 client=192.0.2.7 helo=mx.example.net from=<a@example.net>
     rcpts=<b@example.com> rejected_rcpts=<c@example.com>:550
-    verdicts=headers.missing_date:tag,spf.fail:reject(monitor) outcome=delivered
-    reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1" size=5120 ms=12
+    verdicts=headers.missing_date:tag,spf.fail:reject(monitor) score=1 outcome=delivered
+    stage=data reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1" size=5120 ms=12
 
 Message bodies and header values never appear here.
 """
@@ -48,13 +48,23 @@ def log_transaction(
     session: Session,
     envelope: Envelope,
     *,
-    outcome: str,
+    stage: str,
     reply: Reply | None,
     upstream: Reply | None,
     rejected: list[tuple[str, Reply]],
     size: int | None,
 ) -> None:
-    """Write the one decision line for a finished (or abandoned) transaction."""
+    """Write the one decision line for a finished (or abandoned) transaction.
+
+    ``outcome`` is delivered (2xx at DATA), rejected (5xx), tempfailed (4xx) or
+    aborted (no final reply: reset, disconnect); ``stage`` says where it ended.
+    """
+    if reply is None:
+        outcome = "aborted"
+    elif reply.positive:
+        outcome = "delivered" if stage == "data" else "accepted"
+    else:
+        outcome = "tempfailed" if reply.transient else "rejected"
     fields: list[tuple[str, object]] = [
         ("txn", envelope.id),
         ("client", session.client_ip),
@@ -68,6 +78,7 @@ def log_transaction(
         ("verdicts", _verdicts(envelope.card.verdicts)),
         ("score", f"{envelope.card.score:g}"),
         ("outcome", outcome),
+        ("stage", stage),
         ("reply", str(reply) if reply else "-"),
         ("upstream", str(upstream) if upstream else "-"),
     ]

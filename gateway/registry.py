@@ -76,7 +76,7 @@ class PluginSet:
         return [impl.plugin_name for impl in impls]
 
 
-def builtin_plugins() -> dict[str, type]:
+def builtin_plugins() -> dict[str, type[Any]]:
     """The built-in plugin classes by name."""
     from plugins import BUILTIN_PLUGINS
 

@@ -83,7 +83,7 @@ class SmtpSession:
 
     async def disconnected(self) -> None:
         """The connection is gone: abandon any transaction, tell the plugins."""
-        self._finish("aborted", None, abort_upstream=True)
+        self._finish("disconnect", None, abort_upstream=True)
         if self.session is not None:
             await self.rt.runner.run_event("on_disconnect", session=self.session)
 
@@ -141,14 +141,14 @@ class SmtpSession:
             "on_mail", env.card, env.id, session=self.session, envelope=env, sender=address
         )
         if outcome.reply is not None:
-            self._finish("refused at MAIL", outcome.reply)
+            self._finish("mail", outcome.reply)
             return outcome.reply.render()
         txn.upstream = self.rt.upstream.begin()
         options = [o for o in mail_options if o in _FORWARDED_MAIL_OPTIONS]
         reply = await txn.upstream.mail(address, options)
         if not reply.positive:
             txn.upstream = None  # the relay has already released the connection
-            self._finish("refused upstream at MAIL", reply, upstream=reply)
+            self._finish("mail", reply, upstream=reply)
             return reply.render()
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -188,16 +188,15 @@ class SmtpSession:
             )
             reply = outcome.reply or self._apply_scoring(env)
             if reply is not None:
-                self._finish("refused at DATA", reply, size=len(raw))
+                self._finish("data", reply, size=len(raw))
                 await upstream.reset()
                 return reply.render()
             upstream_reply = await upstream.data(self._added_headers(env) + raw)
         except BaseException:
-            self._finish("aborted", None, abort_upstream=True, size=len(raw))
+            self._finish("data", None, abort_upstream=True, size=len(raw))
             raise
         txn.upstream = None
-        outcome_name = "delivered" if upstream_reply.positive else "refused upstream at DATA"
-        self._finish(outcome_name, upstream_reply, upstream=upstream_reply, size=len(raw))
+        self._finish("data", upstream_reply, upstream=upstream_reply, size=len(raw))
         if upstream_reply.positive:
             await self.rt.runner.run_event(
                 "on_delivered", session=self.session, envelope=env, reply=upstream_reply
@@ -218,7 +217,7 @@ class SmtpSession:
         """An unexpected error in our code: log it, drop the upstream, answer 451 (not 500)."""
         txn_id = self.txn.envelope.id if self.txn else (self.session.id if self.session else "-")
         log.error("internal error: txn=%s", txn_id, exc_info=error)
-        self._finish("aborted", INTERNAL_ERROR, abort_upstream=True)
+        self._finish("error", INTERNAL_ERROR, abort_upstream=True)
         return INTERNAL_ERROR.render()
 
     # ---------------------------------------------------------------- helpers
@@ -267,14 +266,17 @@ class SmtpSession:
 
     def _finish(
         self,
-        outcome: str,
+        stage: str,
         reply: Reply | None,
         *,
         abort_upstream: bool = False,
         upstream: Reply | None = None,
         size: int | None = None,
     ) -> None:
-        """Log the transaction's decision line once and forget it."""
+        """Log the transaction's decision line once and forget it.
+
+        ``stage`` is where the transaction ended: mail, data, reset, disconnect, error.
+        """
         txn, self.txn = self.txn, None
         if txn is None or self.session is None:
             return
@@ -283,7 +285,7 @@ class SmtpSession:
         log_transaction(
             self.session,
             txn.envelope,
-            outcome=outcome,
+            stage=stage,
             reply=reply,
             upstream=upstream,
             rejected=txn.rejected,

@@ -7,6 +7,8 @@ plugin by naming it under ``plugins:``; the policy's order is the run order.
 
 from __future__ import annotations
 
-BUILTIN_PLUGINS: tuple[type, ...] = ()
+from typing import Any
+
+BUILTIN_PLUGINS: tuple[type[Any], ...] = ()
 
 __all__ = ["BUILTIN_PLUGINS"]

@@ -1,0 +1,70 @@
+"""Shared fixtures: loop thread, recording upstream, DNS server, gateway factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dnsserver import LoopbackDnsServer
+from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy
+
+MakeGateway = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    """An event loop in a thread, for the gateway and the upstream."""
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def upstream(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
+    """A recording SMTP upstream on 127.0.0.1:0."""
+    server = RecordingUpstream(loop_thread)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[LoopbackDnsServer]:
+    """A DNS server on 127.0.0.1:0 serving the records a test adds."""
+    server = LoopbackDnsServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_gateway(
+    loop_thread: LoopThread, upstream: RecordingUpstream, tmp_path: Path
+) -> Iterator[MakeGateway]:
+    """Start gateways from policy dicts; upstream defaults to the recording upstream."""
+    started: list[RunningGateway] = []
+
+    def make(**policy: Any) -> RunningGateway:
+        policy.setdefault("upstream", upstream.url)
+        policy.setdefault("domains", ["example.com"])
+        path = write_policy(tmp_path / f"policy{len(started)}.yaml", policy)
+        gw = RunningGateway(loop_thread, path)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def decisions(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """The decision log lines written so far."""
+    caplog.set_level(logging.INFO, logger="mailgate")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mailgate.decision"]
+
+    return lines
