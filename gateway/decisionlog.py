@@ -5,7 +5,8 @@ Example::
     txn=3f9a1c.1 client=192.0.2.7 helo=mx.example.net from=<a@example.net>
     rcpts=<b@example.com> rejected_rcpts=<c@example.com>:550
     verdicts=headers.missing_date:tag,spf.fail:reject(monitor) score=1 outcome=delivered
-    stage=data reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1" size=5120 ms=12
+    stage=data reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1"
+    size=5120 ms=12
 
 Message bodies and header values never appear here.
 """
