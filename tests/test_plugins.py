@@ -35,7 +35,9 @@ def test_sync_plugin_rejects_at_mail_and_nothing_goes_upstream(make_gateway, ups
 
 def test_async_plugin_tags_and_the_score_crosses_the_tag_threshold(make_gateway, upstream):
     gw = make_gateway(
-        plugins={"subj": {"module": "tests.sample_plugins:SubjectScore", "word": "hello", "score": 6}},
+        plugins={
+            "subj": {"module": "tests.sample_plugins:SubjectScore", "word": "hello", "score": 6}
+        },
         scoring={"tag": 5, "reject": 15},
     )
     with gw.client() as client:
@@ -48,7 +50,9 @@ def test_async_plugin_tags_and_the_score_crosses_the_tag_threshold(make_gateway,
 
 def test_score_over_reject_threshold_refuses_and_resets_upstream(make_gateway, upstream, decisions):
     gw = make_gateway(
-        plugins={"subj": {"module": "tests.sample_plugins:SubjectScore", "word": "hello", "score": 20}},
+        plugins={
+            "subj": {"module": "tests.sample_plugins:SubjectScore", "word": "hello", "score": 20}
+        },
     )
     with gw.client() as client, pytest.raises(smtplib.SMTPDataError) as err:
         client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
@@ -111,7 +115,9 @@ def test_raising_plugin_gives_451_and_a_log_line_with_the_traceback(
 
 
 def test_raising_plugin_in_monitor_mode_does_not_block_mail(make_gateway, upstream):
-    gw = make_gateway(plugins={"boom": {"module": "tests.sample_plugins:Raising", "mode": "monitor"}})
+    gw = make_gateway(
+        plugins={"boom": {"module": "tests.sample_plugins:Raising", "mode": "monitor"}}
+    )
     with gw.client() as client:
         client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
     assert len(upstream.messages) == 1

@@ -1,4 +1,4 @@
-"""Policy loading: every error names FILE:LINE:COL and the key path; check and run refuse bad ones."""
+"""Policy loading: every error names FILE:LINE:COL and the key path; bad policies are refused."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ def errors_of(text: str) -> list[str]:
 
 def mailgate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
 
 
@@ -47,8 +51,10 @@ def test_duplicate_key_is_an_error():
 def test_bad_units_are_errors():
     messages = errors_of("limits:\n  message_size: 25 parsecs\n  idle_timeout: 5 fortnights\n")
     assert messages == [
-        "p.yaml:2:3: limits.message_size: unknown size unit 'parsecs' (use B, KB, MB, GB, KiB, MiB, GiB)",
-        "p.yaml:3:3: limits.idle_timeout: unknown duration unit 'fortnights' (use ms, s, m, h, d or w)",
+        "p.yaml:2:3: limits.message_size: unknown size unit 'parsecs'"
+        " (use B, KB, MB, GB, KiB, MiB, GiB)",
+        "p.yaml:3:3: limits.idle_timeout: unknown duration unit 'fortnights'"
+        " (use ms, s, m, h, d or w)",
     ]
 
 

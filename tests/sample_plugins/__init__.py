@@ -135,5 +135,6 @@ class RefuseConnect:
 
     @hookimpl
     def on_connect(self) -> Verdict:
-        return Verdict.reject("test.noconnect", "no connections", code=554, status="5.7.1",
-                              text="Go away")
+        return Verdict.reject(
+            "test.noconnect", "no connections", code=554, status="5.7.1", text="Go away"
+        )

@@ -1,0 +1,43 @@
+"""The docs keep up with the code: every hook documented with its real signature."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from gateway import hookspecs
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def documented_hooks() -> dict[str, str]:
+    text = (DOCS / "hooks.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^### (on_\w+)\((.*)\)$", text, re.M)}
+
+
+def spec_hooks() -> dict[str, str]:
+    return {
+        name: ", ".join(inspect.signature(func).parameters)
+        for name, func in vars(hookspecs).items()
+        if name.startswith("on_") and callable(func)
+    }
+
+
+def test_every_hook_is_documented_with_its_signature():
+    assert documented_hooks() == spec_hooks()
+
+
+def test_every_hook_has_a_docstring():
+    for name, func in vars(hookspecs).items():
+        if name.startswith("on_"):
+            assert func.__doc__ and func.__doc__.strip(), name
+
+
+def test_every_builtin_plugin_has_a_docs_page_and_a_man_page():
+    from plugins import BUILTIN_PLUGINS
+
+    for cls in BUILTIN_PLUGINS:
+        assert (DOCS / "plugins" / f"{cls.name}.md").is_file(), cls.name
+        module = inspect.getmodule(cls)
+        assert module is not None and module.__doc__ and "Rule ids" in module.__doc__, cls.name
