@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.context import Envelope, Message, Scorecard, Session
+from gateway.context import Envelope, Message, Scorecard, Session, VerdictRecord
 from gateway.decisionlog import log_connection, log_transaction
 from gateway.relay import UpstreamTransaction
 from gateway.runtime import Runtime
@@ -223,13 +223,22 @@ class SmtpSession:
     # ---------------------------------------------------------------- helpers
 
     def _apply_scoring(self, env: Envelope) -> Reply | None:
+        """Compare the total score with the policy's thresholds; record what they decided."""
         scoring = self.rt.policy.scoring
         score = env.card.score
         if scoring.reject is not None and score >= scoring.reject:
+            reason = f"score {score:g} >= reject threshold {scoring.reject:g}"
+            env.card.verdicts.append(
+                VerdictRecord("scoring", "on_data", "score.reject", "reject", reason, True, score)
+            )
             return SPAM_REJECT
         if scoring.tag is not None and score >= scoring.tag:
+            reason = f"score {score:g} >= tag threshold {scoring.tag:g}"
+            env.card.verdicts.append(
+                VerdictRecord("scoring", "on_data", "score.tag", "tag", reason, True, score)
+            )
             env.card.headers.append((scoring.flag_header, "YES"))
-        if env.card.verdicts and any(v.score for v in env.card.verdicts):
+        if score:
             env.card.headers.append((scoring.score_header, f"{score:g}"))
         return None
 

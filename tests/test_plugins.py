@@ -60,7 +60,9 @@ def test_score_over_reject_threshold_refuses_and_resets_upstream(make_gateway, u
     assert err.value.smtp_error.startswith(b"5.7.1")
     assert upstream.messages == []
     assert upstream.rsets == 1
-    assert "outcome=rejected stage=data" in decisions()[0]
+    [line] = decisions()
+    assert "verdicts=subject.word:tag,score.reject:reject score=20" in line
+    assert "outcome=rejected stage=data" in line
 
 
 def test_monitor_mode_logs_but_never_changes_the_reply(make_gateway, upstream, decisions):
