@@ -81,11 +81,14 @@ class MaildirTransaction:
 
     async def data(self, message: bytes) -> Reply:
         """Write the message (in a thread: fsync blocks) and say where it went."""
-        lines = [f"Return-Path: <{self.sender}>\r\n"]
-        lines += [f"Delivered-To: {rcpt}\r\n" for rcpt in self.recipients]
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+        lines = [f"Return-Path: <{self.sender}>"]
+        lines += [f"Delivered-To: {rcpt}" for rcpt in self.recipients]
+        # An address cannot hold CR/LF in valid SMTP; make sure it cannot start a header either.
+        head = "".join(line.replace("\r", " ").replace("\n", " ") + "\r\n" for line in lines)
         try:
-            name = await asyncio.to_thread(self.upstream.write, head, message)
+            name = await asyncio.to_thread(
+                self.upstream.write, head.encode("utf-8", "surrogateescape"), message
+            )
         except OSError as exc:
             return Reply(451, f"Local delivery failed: {exc.strerror}", "4.3.0")
         return Reply(250, f"Ok: delivered as {name}", "2.0.0")

@@ -46,10 +46,14 @@ def _address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
+def _oneline(text: str) -> str:
+    """``text`` with any CR or LF turned into a space, so it cannot start a new header line."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
 def _header_line(name: str, value: str) -> bytes:
-    """One header field, with any CR/LF in the value turned into spaces (no injection)."""
-    clean = value.replace("\r", " ").replace("\n", " ")
-    return f"{name}: {clean}\r\n".encode("utf-8", "surrogateescape")
+    """One header field whose value cannot inject another."""
+    return f"{name}: {_oneline(value)}\r\n".encode("utf-8", "surrogateescape")
 
 
 class SmtpSession:
@@ -249,9 +253,9 @@ class SmtpSession:
         proto = ("UTF8SMTP" if env.smtputf8 else "ESMTP" if s.esmtp else "SMTP") + (
             "S" if s.tls else ""
         )
-        rcpt = f"\r\n\tfor <{env.recipients[0]}>" if len(env.recipients) == 1 else ""
+        rcpt = f"\r\n\tfor <{_oneline(env.recipients[0])}>" if len(env.recipients) == 1 else ""
         received = (
-            f"from {s.helo} ({_address_literal(s.client_ip)})\r\n"
+            f"from {_oneline(s.helo or '')} ({_address_literal(s.client_ip)})\r\n"
             f"\tby {s.local_hostname} (mailgate) with {proto} id {env.id}{rcpt};\r\n"
             f"\t{email.utils.formatdate(localtime=True)}"
         )

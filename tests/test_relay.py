@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import time
 
 import pytest
@@ -194,3 +195,25 @@ def test_recipient_limit(make_gateway, upstream):
         assert client.rcpt("c@example.com") == (452, b"4.5.3 Too many recipients")
         assert client.data(MESSAGE)[0] == 250
     assert upstream.messages[0].recipients == ["a@example.com", "b@example.com"]
+
+
+
+def test_bare_cr_in_helo_cannot_inject_a_header(make_gateway, upstream):
+    gw = make_gateway()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"HELO evil.test\rX-Injected: yes\r\n")
+        assert reader.readline().startswith(b"250")
+        for command, code in (
+            (b"MAIL FROM:<alice@example.net>", b"250"),
+            (b"RCPT TO:<bob@example.com>", b"250"),
+            (b"DATA", b"354"),
+        ):
+            sock.sendall(command + b"\r\n")
+            assert reader.readline()[:3] == code
+        sock.sendall(MESSAGE + b".\r\n")
+        assert reader.readline()[:3] == b"250"
+    header = upstream.messages[0].data.split(b"\r\n\r\n")[0]
+    assert b"\r\nX-Injected" not in header
+    assert b"from evil.test X-Injected: yes ([127.0.0.1])" in header
