@@ -1,0 +1,65 @@
+"""auth_results: the Authentication-Results header (RFC 8601), and no forged ones.
+
+Hook: ``on_data``, ``trylast`` (after every other plugin, so after ``dmarc``).
+Like ``relay_access``, the core always loads it; it has no settings.
+
+- Every incoming ``Authentication-Results`` header whose authserv-id is our
+  ``hostname`` is removed from the relayed message: only we may speak for
+  us, and a downstream MTA or mail client that trusts our results must never
+  see a forged one (RFC 8601 §5). This happens whether or not any auth plugin
+  is enabled. Headers of other authserv-ids are kept.
+- If ``spf``, ``dkim``, ``arc`` or ``dmarc`` published results
+  (``envelope.results``), one ``Authentication-Results: <hostname>; ...``
+  header lists them: spf, every dkim signature (``dkim=none`` for an unsigned
+  message), dmarc and arc. Results are listed even when their plugin runs in
+  ``monitor`` mode: they are observations, not verdicts.
+
+Rule ids (tags, no score):
+
+========================  ===================================================
+``auth_results.added``    the header was added
+``auth_results.forged``   headers claiming our authserv-id were removed (the
+                          reason says how many); the header is added as well
+                          when there are results
+========================  ===================================================
+"""
+
+from __future__ import annotations
+
+from gateway.authresults import authserv_id, header_value
+from gateway.context import Envelope, Message
+from gateway.hookspecs import hookimpl
+from gateway.policy import Policy
+from gateway.rewrite import HeaderStrip, header_fields
+from gateway.verdict import Verdict
+
+HEADER = "Authentication-Results"
+
+
+class AuthResults:
+    """Add our Authentication-Results header; remove forged ones."""
+
+    name = "auth_results"
+
+    def __init__(self, policy: Policy) -> None:
+        self.authserv_id = policy.hostname.lower().rstrip(".")
+        self.strip = HeaderStrip(HEADER, self.claims_us)
+
+    def claims_us(self, value: str) -> bool:
+        """True when an Authentication-Results value claims our authserv-id."""
+        return authserv_id(value).rstrip(".") == self.authserv_id
+
+    @hookimpl(trylast=True)
+    def on_data(self, envelope: Envelope, message: Message) -> Verdict | None:
+        """Build the header from the published results; strip forgeries."""
+        forged = sum(
+            1 for name, value in header_fields(message.raw) if self.strip.applies(name, value)
+        )
+        value = header_value(self.authserv_id, envelope.results)
+        headers = {HEADER: value} if value else {}
+        if forged:
+            reason = f"removed {forged} {HEADER} header(s) claiming {self.authserv_id}"
+            return Verdict.tag("auth_results.forged", reason, headers=headers, strip=[self.strip])
+        if value:
+            return Verdict.tag("auth_results.added", "added", headers=headers)
+        return None
