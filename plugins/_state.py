@@ -1,0 +1,77 @@
+"""Helpers shared by the plugins that keep state in ``gateway.state`` (ratelimit, greylist).
+
+Not a plugin. It holds what those plugins must do alike: the replies for each
+stage, client networks as keys, and the ``on_error`` policy for a state backend
+that cannot answer (``tempfail``: 4xx with ``4.3.0``; ``allow``: let the request
+through, tagged ``<plugin>.unavailable`` in the decision log, warning at most
+every ``WARN_INTERVAL`` seconds so a Redis outage does not flood the log).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import Literal
+
+from gateway.context import IPAddress
+from gateway.state import StateError
+from gateway.verdict import Verdict
+
+OnError = Literal["tempfail", "allow"]
+Stage = Literal["connect", "helo", "mail", "rcpt", "data"]
+WARN_INTERVAL = 10.0
+
+log = logging.getLogger("mailgate.plugins")
+
+
+def client_network(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """``ip`` widened to its /prefix network, as text (``192.0.2.0/24``, ``2001:db8::/64``)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def refusal(
+    action: Literal["tempfail", "reject"], stage: Stage, rule: str, reason: str, text: str
+) -> Verdict:
+    """A 4xx or 5xx with ``4.7.1``/``5.7.1``, using the code that fits the stage.
+
+    At connect: 421 (tempfail, then the gateway closes) or 554; at DATA: 451
+    or 550; elsewhere 450 or 550.
+    """
+    if action == "reject":
+        return Verdict.reject(
+            rule, reason, code=554 if stage == "connect" else 550, status="5.7.1", text=text
+        )
+    code = {"connect": 421, "data": 451}.get(stage, 450)
+    return Verdict.tempfail(rule, reason, code=code, status="4.7.1", text=text)
+
+
+class StateErrors:
+    """Applies a plugin's ``on_error`` policy to a :class:`StateError`."""
+
+    def __init__(self, plugin: str, on_error: OnError) -> None:
+        self.plugin = plugin
+        self.on_error = on_error
+        self._warned_at = -WARN_INTERVAL
+        self._suppressed = 0
+
+    def verdict(self, exc: StateError, stage: Stage) -> Verdict:
+        """The verdict for a failed check: tempfail (4.3.0) or an ``allow`` tag."""
+        rule = f"{self.plugin}.unavailable"
+        reason = f"state backend failed: {exc}"
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_INTERVAL:
+            more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+            log.warning("%s: %s; on_error=%s%s", self.plugin, reason, self.on_error, more)
+            self._warned_at, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+        if self.on_error == "allow":
+            return Verdict.tag(rule, f"{reason}; allowed (on_error: allow)")
+        code = 421 if stage == "connect" else 451
+        return Verdict.tempfail(
+            rule, reason, code=code, status="4.3.0", text="Temporary local problem, try again later"
+        )
