@@ -1,0 +1,297 @@
+"""Prometheus metrics and a health endpoint for load balancers.
+
+With ``metrics: 127.0.0.1:9125`` in the policy the gateway serves, over HTTP:
+
+- ``/metrics``: the metrics below, in the Prometheus text format (or
+  OpenMetrics when the scraper asks for it);
+- ``/health``: ``200 ok`` while the gateway accepts connections, ``503
+  draining`` from SIGTERM on, so a load balancer stops sending clients before
+  the listeners close.
+
+With ``workers: N`` every worker process has its own metrics and serves them
+on the first free port from PORT to PORT+N-1: scrape all N.
+
+Every process has its own :class:`Metrics` and ``CollectorRegistry`` (never
+prometheus-client's global one); it is subscribed to the data path of every
+runtime whose policy sets ``metrics:``, so counters carry on across reloads.
+Without ``metrics:`` nothing is counted (about 20 us per transaction saved).
+
+==============================================  =========================================
+metric                                          labels
+==============================================  =========================================
+``mailgate_connections_current``                (gauge) open client connections
+``mailgate_connections_total``                  connections accepted
+``mailgate_transactions_total``                 ``outcome`` (delivered, rejected,
+                                                tempfailed, aborted, accepted), ``stage``
+``mailgate_verdicts_total``                     ``plugin``, ``rule``, ``action``, ``mode``
+                                                (``enforce``, or ``monitor``: would have)
+``mailgate_ratelimit_hits_total``               ``rule``, ``mode``: verdicts whose rule id
+                                                starts with ``ratelimit.``
+``mailgate_plugin_errors_total``                ``plugin``, ``hook``, ``kind`` (error,
+                                                timeout, bad_result)
+``mailgate_upstream_replies_total``             ``command`` (mail, rcpt, data), ``class``
+                                                (2xx, 4xx, 5xx)
+``mailgate_stage_duration_seconds``             (histogram) ``stage``: one hook, every plugin
+``mailgate_upstream_duration_seconds``          (histogram) ``command``: one upstream reply
+``mailgate_policy_reloads_total``               ``result`` (ok, failed)
+``mailgate_policy_loaded_timestamp_seconds``    (gauge) when the running policy was loaded
+``mailgate_draining``                           (gauge) 1 from SIGTERM until exit
+==============================================  =========================================
+
+Verdicts of the connect and HELO stages are counted at once; those of a
+transaction (its stages' and the core's own, such as ``score.reject``) when
+the transaction ends, from its decision record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from gateway.decisionlog import outcome_of
+from gateway.observer import Observer
+from gateway.policy import split_host_port
+
+if TYPE_CHECKING:
+    from gateway.context import Envelope, Session, VerdictRecord
+    from gateway.stages import StageOutcome
+    from gateway.verdict import Reply
+
+log = logging.getLogger("mailgate.metrics")
+
+# Seconds: from a cached in-memory check to a slow DNS-bound one or a slow upstream.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RATELIMIT_PREFIX = "ratelimit."
+SESSION_STAGES = ("on_connect", "on_helo")
+"""Stages whose verdicts belong to the connection, not to a transaction."""
+
+
+class _Children:
+    """A metric's label children, cached: ``labels()`` costs three times what ``inc()`` does."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self.metric = metric
+        self.cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.cache.get(values)
+        if child is None:
+            child = self.cache[values] = self.metric.labels(*values)
+        return child
+
+
+class Metrics(Observer):
+    """The process's counters, fed by the data path of every runtime it is subscribed to."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.connections_current = Gauge(
+            "mailgate_connections_current", "Open client connections", registry=r
+        )
+        self.connections = Counter(
+            "mailgate_connections", "Client connections accepted", registry=r
+        )
+        self.transactions = Counter(
+            "mailgate_transactions",
+            "Transactions by outcome and the stage where they ended",
+            ["outcome", "stage"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "mailgate_verdicts",
+            "Verdicts by rule id; mode=monitor counts what would have happened",
+            ["plugin", "rule", "action", "mode"],
+            registry=r,
+        )
+        self.ratelimit_hits = Counter(
+            "mailgate_ratelimit_hits",
+            "Verdicts of rules named ratelimit.*",
+            ["rule", "mode"],
+            registry=r,
+        )
+        self.plugin_errors = Counter(
+            "mailgate_plugin_errors",
+            "Plugin hooks that raised, timed out or returned a non-verdict",
+            ["plugin", "hook", "kind"],
+            registry=r,
+        )
+        self.upstream_replies = Counter(
+            "mailgate_upstream_replies",
+            "Upstream replies (or failures, as the 4xx the client got) by class",
+            ["command", "class"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "mailgate_stage_duration_seconds",
+            "Time to run one stage hook through every plugin",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "mailgate_upstream_duration_seconds",
+            "Time for the upstream to answer one command",
+            ["command"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.reloads = Counter(
+            "mailgate_policy_reloads", "Policy reloads by result", ["result"], registry=r
+        )
+        self.policy_loaded = Gauge(
+            "mailgate_policy_loaded_timestamp_seconds",
+            "When the running policy was loaded (Unix time)",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "mailgate_draining", "1 while the gateway is shutting down", registry=r
+        )
+        # The data path's label children, looked up once per label set.
+        self._stage = _Children(self.stage_seconds)
+        self._verdict = _Children(self.verdicts)
+        self._hit = _Children(self.ratelimit_hits)
+        self._reply = _Children(self.upstream_replies)
+        self._upstream = _Children(self.upstream_seconds)
+        self._transaction = _Children(self.transactions)
+
+    # ------------------------------------------------------------ observer events
+
+    def session_opened(self, session: Session) -> None:
+        self.connections.inc()
+        self.connections_current.inc()
+
+    def session_closed(self, session: Session) -> None:
+        self.connections_current.dec()
+
+    def _count(self, records: list[VerdictRecord]) -> None:
+        for record in records:
+            mode = "enforce" if record.enforced else "monitor"
+            self._verdict(record.plugin, record.rule, record.action, mode).inc()
+            if record.rule.startswith(RATELIMIT_PREFIX):
+                self._hit(record.rule, mode).inc()
+
+    def stage_done(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
+        self._stage(stage.removeprefix("on_")).observe(seconds)
+        if stage in SESSION_STAGES:  # later stages are counted with their transaction
+            self._count(outcome.records)
+
+    def plugin_failed(self, plugin: str, hook: str, kind: str) -> None:
+        self.plugin_errors.labels(plugin, hook, kind).inc()
+
+    def upstream_replied(self, command: str, reply: Reply, seconds: float) -> None:
+        self._reply(command, f"{reply.code // 100}xx").inc()
+        self._upstream(command).observe(seconds)
+
+    def transaction_done(
+        self, session: Session, envelope: Envelope, stage: str, reply: Reply | None
+    ) -> None:
+        self._transaction(outcome_of(stage, reply), stage).inc()
+        # Every verdict of the transaction: its stages' and the core's (score thresholds,
+        # line endings), which no stage hook reports.
+        self._count(envelope.card.verdicts)
+
+    # ------------------------------------------------------------ process events
+
+    def policy_loaded_now(self) -> None:
+        """Record that a policy was (re)loaded and put in service just now."""
+        self.policy_loaded.set(time.time())
+
+
+class MetricsServer:
+    """A small HTTP server on the event loop: ``/metrics`` and ``/health``."""
+
+    REQUEST_TIMEOUT = 10.0
+    MAX_REQUEST = 16 * 1024
+
+    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+        self.metrics = metrics
+        self.healthy = healthy
+        self.address: str | None = None
+        """The ``metrics:`` address this server was started for."""
+        self._server: asyncio.Server | None = None
+
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        """The (host, port) actually listened on (the port resolved when 0 was asked)."""
+        if self._server is None or not self._server.sockets:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self, address: str, spread: int = 1) -> None:
+        """Listen on ``address`` (``HOST:PORT``); raises OSError if it cannot.
+
+        With ``spread`` > 1 (``workers: N``), a port in use makes it try the
+        next one, up to PORT+N-1: each worker process serves its own metrics.
+        """
+        host, port = split_host_port(address, 9125)
+        for offset in range(spread if port else 1):
+            try:
+                self._server = await asyncio.start_server(
+                    self._handle, host, port + offset, limit=self.MAX_REQUEST, reuse_address=True
+                )
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or offset == spread - 1:
+                    raise
+        self.address = address
+        log.info("metrics on http://%s:%s/metrics", *(self.bound or (host, port)))
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        server, self._server = self._server, None
+        self.address = None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    def _respond(self, method: str, path: str, accept: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(accept)
+            return "200 OK", content_type, encoder(self.metrics.registry)
+        if path == "/health":
+            if self.healthy():
+                return "200 OK", "text/plain", b"ok\n"
+            return "503 Service Unavailable", "text/plain", b"draining\n"
+        return "404 Not Found", "text/plain", b"try /metrics or /health\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                status, content_type, body = "400 Bad Request", "text/plain", b"bad request\n"
+                method = "GET"
+            else:
+                method, target = parts[0], parts[1]
+                headers = {
+                    name.strip().lower(): value.strip()
+                    for name, _, value in (line.partition(":") for line in lines[1:] if line)
+                }
+                path = target.partition("?")[0]
+                status, content_type, body = self._respond(method, path, headers.get("accept", ""))
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # a client that sends no request, too big a request, or goes away
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

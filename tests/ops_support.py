@@ -1,0 +1,114 @@
+"""Helpers for the operator-tool tests: polling, scraping /metrics, a gateway subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30) -> bool:
+    """Poll ``predicate`` every 50 ms until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def http_get(port: int, path: str, timeout: float = 10, host: str = "127.0.0.1") -> tuple[int, str]:
+    """GET ``http://HOST:PORT/PATH``: the status and the body."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> Samples:
+    """Every sample of ``/metrics``, keyed by (sample name, labels)."""
+    status, text = http_get(port, "/metrics", host=host)
+    assert status == 200, text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when it does not exist (a counter never incremented)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def mailgate(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gateway ARGS`` in the repository and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
+    )
+
+
+class GatewayProcess:
+    """``mailgate run`` as a subprocess, its log (standard error) written to a file."""
+
+    def __init__(self, policy: Path, log_path: Path, *extra: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(policy), *extra],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        assert wait_until(lambda: "mailgate ready on" in self.log or self.proc.poll() is not None)
+        found = re.search(r"mailgate ready on 127\.0\.0\.1:(\d+)", self.log)
+        assert found, self.log
+        self.port = int(found.group(1))
+
+    @property
+    def log(self) -> str:
+        """Everything logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the gateway."""
+        os.kill(self.proc.pid, sig)
+
+    def wait_log(self, text: str, timeout: float = 30) -> bool:
+        """Wait until ``text`` appears in the log."""
+        return wait_until(lambda: text in self.log, timeout)
+
+    def stop(self) -> int:
+        """SIGTERM, wait (kill after 30 s), close the log; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
