@@ -1,18 +1,29 @@
-"""The ``mailgate`` command: ``run`` the gateway, ``check`` a policy.
+"""The ``mailgate`` command: ``run`` the gateway, ``check`` a policy, ``test`` it, ``reload`` it.
+
+``mailgate queue list | flush | delete ID`` manages the spool of queue mode.
 
 Exit status: 0 on success, 2 for a bad policy (every problem printed as
 ``FILE:LINE:COL: path: message`` on standard error), 1 for other failures.
+``mailgate test`` has its own (``gateway.policytest``): 0 accept, 4 tempfail,
+5 reject for one message; 0 all passed, 1 some failed for test cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
+import os
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from gateway import policytest
+from gateway.logformat import configure_logging
+from gateway.pidfile import PidFileError, read_pid, remove_pid, write_pid
+from gateway.policy import Logging
 from gateway.registry import STAGES
 from gateway.runtime import Runtime
 from gateway.server import Gateway
@@ -57,16 +68,78 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = _load(args.config)
     if runtime is None:
         return EXIT_BAD_POLICY
-    logging.getLogger().setLevel(runtime.policy.log.level.upper())
+    configure_logging(runtime.policy.log)
+    pid_file = args.pid_file or runtime.policy.pid_file
+    if pid_file:
+        try:
+            write_pid(pid_file)
+        except PidFileError as exc:
+            print(f"mailgate: {exc}", file=sys.stderr)
+            return 1
+        atexit.register(remove_pid, pid_file)  # removes it only if it still holds our pid
 
-    async def main() -> None:
+    async def main(runtime: Runtime) -> None:
         gateway = Gateway(runtime)
         await gateway.start()
         for host, port in gateway.addresses:
             logging.getLogger("mailgate").info("mailgate ready on %s:%s", host, port)
         await gateway.serve()
 
-    _run_loop(main())
+    if runtime.policy.workers > 1:
+        from gateway.workers import supervise
+
+        def worker() -> int:
+            fresh = _load(args.config)  # each worker, and each restart, reads the file again
+            if fresh is None:
+                return EXIT_BAD_POLICY
+            _run_loop(main(fresh))
+            return 0
+
+        return supervise(runtime.policy.workers, worker, runtime.policy.state.url)
+    _run_loop(main(runtime))
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """``queue list | flush | delete ID`` on the policy's spool (``gateway.queue.admin``)."""
+    from gateway.queue import admin
+
+    runtime = _load(args.config)
+    if runtime is None:
+        return EXIT_BAD_POLICY
+    return admin.run(runtime.policy, args)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Dry-run a message or run test cases (``gateway.policytest``)."""
+    return policytest.main(args)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the policy (with ``-c``), then SIGHUP the gateway named by the pid file."""
+    pid_file = args.pid_file
+    if args.config:
+        runtime = _load(args.config)
+        if runtime is None:
+            print("mailgate reload: not reloading: fix the policy first", file=sys.stderr)
+            return EXIT_BAD_POLICY
+        pid_file = pid_file or runtime.policy.pid_file
+    if not pid_file:
+        print("mailgate reload: give --pid-file, or -c POLICY with pid_file: set", file=sys.stderr)
+        return 1
+    try:
+        pid = read_pid(pid_file)
+        os.kill(pid, signal.SIGHUP)
+    except PidFileError as exc:
+        print(f"mailgate reload: {exc}", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"mailgate reload: {pid_file}: no process {pid} (stale pid file?)", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"mailgate reload: not allowed to signal process {pid}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to mailgate (pid {pid}); the gateway logs the result")
     return 0
 
 
@@ -81,16 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", default=DEFAULT_POLICY, help="policy file (YAML)")
         p.set_defaults(func=func)
+    q = sub.add_parser("queue", help="list, flush or delete queued mail (delivery: queue)")
+    q.add_argument("-c", "--config", default=DEFAULT_POLICY, help="policy file (YAML)")
+    q.add_argument("action", choices=("list", "flush", "delete"))
+    q.add_argument("id", nargs="?", help="the queue id to delete")
+    q.set_defaults(func=cmd_queue)
+    sub.choices["run"].add_argument("--pid-file", help="write the pid here (over pid_file:)")
+    t = sub.add_parser("test", help="dry-run a message through the policy, or run test cases")
+    policytest.add_arguments(t)
+    t.set_defaults(func=cmd_test)
+    r = sub.add_parser("reload", help="validate the policy, then make the gateway reload it")
+    r.add_argument("-c", "--config", help="policy to validate first (and read pid_file from)")
+    r.add_argument("--pid-file", help="the running gateway's pid file")
+    r.set_defaults(func=cmd_reload)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mailgate`` console script."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # aiosmtpd logs every command line at INFO; our decision log says what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    configure_logging(Logging())  # text at info until a policy says otherwise
     args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from typing import Any
 
+from gateway.rewrite import HeaderStrip
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -29,6 +31,8 @@ class VerdictRecord:
     reason: str
     enforced: bool
     score: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()
+    """The headers a tag asked to add (added only when enforced)."""
 
     def label(self) -> str:
         """``rule:action`` for the decision log, with ``(monitor)`` when not enforced."""
@@ -43,6 +47,8 @@ class Scorecard:
     score: float = 0.0
     headers: list[tuple[str, str]] = field(default_factory=list)
     verdicts: list[VerdictRecord] = field(default_factory=list)
+    strip: list[HeaderStrip] = field(default_factory=list)
+    """Header fields to remove from the relayed message (``Verdict.tag(strip=...)``)."""
 
 
 @dataclass(slots=True)
@@ -54,6 +60,8 @@ class Session:
     client_port: int
     local_hostname: str
     trusted: bool = False
+    local_ip: IPAddress | None = None
+    """The address of ours the client connected to, once known (set before the greeting)."""
     helo: str | None = None
     esmtp: bool = False
     tls: bool = False

@@ -8,7 +8,9 @@ Example::
     stage=data reply="250 2.0.0 Ok: queued as 4B1" upstream="250 2.0.0 Ok: queued as 4B1"
     size=5120 ms=12
 
-Message bodies and header values never appear here.
+Message bodies and header values never appear here. With ``log: {format: json}``
+the same fields become keys of the JSON line (``rcpts`` and ``verdicts`` as
+lists, ``score`` as a number); see ``gateway.logformat``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ log = logging.getLogger("mailgate.decision")
 _BARE = re.compile(r"^[^\s\"=\\]*$")
 
 
+def _text(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _value(value: object) -> str:
-    text = str(value)
+    text = _text(value)
     if _BARE.match(text) and text:
         return text
     escaped = (
@@ -41,8 +51,23 @@ def format_fields(fields: Iterable[tuple[str, object]]) -> str:
     return " ".join(f"{key}={_value(value)}" for key, value in fields)
 
 
-def _verdicts(records: list[VerdictRecord]) -> str:
-    return ",".join(r.label() for r in records) or "-"
+def _verdicts(records: list[VerdictRecord]) -> list[str]:
+    return [r.label() for r in records]
+
+
+def _emit(fields: list[tuple[str, object]]) -> None:
+    """Log the line; the fields ride along (``record.decision``) for the JSON log format."""
+    decision = {k: v if isinstance(v, int | float | list) else str(v) for k, v in fields}
+    log.info(format_fields(fields), extra={"decision": decision})
+
+
+def outcome_of(stage: str, reply: Reply | None) -> str:
+    """delivered (2xx at DATA), accepted (2xx earlier), rejected, tempfailed or aborted."""
+    if reply is None:
+        return "aborted"
+    if reply.positive:
+        return "delivered" if stage == "data" else "accepted"
+    return "tempfailed" if reply.transient else "rejected"
 
 
 def log_transaction(
@@ -60,25 +85,19 @@ def log_transaction(
     ``outcome`` is delivered (2xx at DATA), rejected (5xx), tempfailed (4xx) or
     aborted (no final reply: reset, disconnect); ``stage`` says where it ended.
     """
-    if reply is None:
-        outcome = "aborted"
-    elif reply.positive:
-        outcome = "delivered" if stage == "data" else "accepted"
-    else:
-        outcome = "tempfailed" if reply.transient else "rejected"
     fields: list[tuple[str, object]] = [
         ("txn", envelope.id),
         ("client", session.client_ip),
         ("helo", session.helo or "-"),
         ("from", f"<{envelope.sender}>"),
-        ("rcpts", ",".join(f"<{r}>" for r in envelope.recipients) or "-"),
+        ("rcpts", [f"<{r}>" for r in envelope.recipients]),
     ]
     if rejected:
-        fields.append(("rejected_rcpts", ",".join(f"<{r}>:{rep.code}" for r, rep in rejected)))
+        fields.append(("rejected_rcpts", [f"<{r}>:{rep.code}" for r, rep in rejected]))
     fields += [
         ("verdicts", _verdicts(envelope.card.verdicts)),
-        ("score", f"{envelope.card.score:g}"),
-        ("outcome", outcome),
+        ("score", float(envelope.card.score)),
+        ("outcome", outcome_of(stage, reply)),
         ("stage", stage),
         ("reply", str(reply) if reply else "-"),
         ("upstream", str(upstream) if upstream else "-"),
@@ -86,7 +105,7 @@ def log_transaction(
     if size is not None:
         fields.append(("size", size))
     fields.append(("ms", round((time.monotonic() - envelope.started) * 1000)))
-    log.info(format_fields(fields))
+    _emit(fields)
 
 
 def log_connection(session: Session, *, outcome: str, reply: Reply | None = None) -> None:
@@ -99,4 +118,4 @@ def log_connection(session: Session, *, outcome: str, reply: Reply | None = None
         ("outcome", outcome),
         ("reply", str(reply) if reply else "-"),
     ]
-    log.info(format_fields(fields))
+    _emit(fields)

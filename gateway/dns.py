@@ -72,10 +72,16 @@ class Resolver:
         except dns.exception.DNSException as exc:
             raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
 
-    def query_sync(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
-        """Blocking :meth:`query`, for libraries that run in a worker thread."""
+    def query_sync(
+        self, name: str, rdtype: str, lifetime: float | None = None
+    ) -> dns.resolver.Answer | None:
+        """Blocking :meth:`query`, for libraries that run in a worker thread.
+
+        ``lifetime`` caps this lookup below the configured timeout (a caller
+        with a budget for several lookups, such as an SPF check, passes what is left).
+        """
         try:
-            return self._sync.resolve(_absolute(name), rdtype, search=False)
+            return self._sync.resolve(_absolute(name), rdtype, search=False, lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:

@@ -123,8 +123,11 @@ def on_data(
     :param envelope: the transaction with every accepted recipient.
     :param message: the raw message (CRLF line endings, as it will be relayed).
     :return: a reject or tempfail refuses the message for every recipient; tags
-        add score and headers. After this stage the total score is compared with
-        the policy's ``scoring`` thresholds.
+        add score and headers, and may name header fields to remove from the
+        relayed message (``Verdict.tag(..., strip=[HeaderStrip(name, match)])``,
+        see ``gateway.rewrite``; tags from ``on_mail`` and ``on_rcpt`` may too).
+        After this stage the total score is compared with the policy's
+        ``scoring`` thresholds.
     """
 
 

@@ -36,8 +36,8 @@ class MaildirUpstream:
         for sub in ("cur", "new", "tmp"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
 
-    def begin(self) -> MaildirTransaction:
-        """Start a transaction."""
+    def begin(self, identity: object = None) -> MaildirTransaction:
+        """Start a transaction (the client's identity does not matter here)."""
         return MaildirTransaction(self)
 
     async def close(self) -> None:

@@ -13,7 +13,15 @@ import socket
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from gateway.units import Duration, Size
 from gateway.yamlsource import Document, SourceError
@@ -54,10 +62,40 @@ def split_host_port(address: str, default_port: int) -> tuple[str, int]:
     return host, port if port is not None else default_port
 
 
+def _host_port(address: str) -> str:
+    """Check that ``address`` is ``HOST:PORT`` with the port given."""
+    if split_host_port(address, -1)[1] < 0:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return address
+
+
+class Certificate(StrictModel):
+    """A PEM certificate chain and its private key, loaded when the policy is checked."""
+
+    cert: str
+    key: str
+
+    @model_validator(mode="after")
+    def _load(self) -> Certificate:
+        from gateway.tls import server_context  # tls imports nothing from here
+
+        server_context(self.cert, self.key)  # raises ValueError naming the bad file
+        return self
+
+
 class Listener(StrictModel):
     """One listening socket."""
 
     address: str = "127.0.0.1:2525"
+    starttls: Certificate | None = None
+    """Offer STARTTLS with this certificate (with ``tls: implicit``, TLS from the first byte)."""
+    tls: Literal["starttls", "implicit"] = "starttls"
+    require_starttls: bool = False
+    """Refuse MAIL (530 5.7.0) until the client has said STARTTLS."""
+    proxy_protocol: bool = False
+    """Expect a PROXY v1/v2 header on every connection, from ``trusted_proxies`` only."""
+    trusted_proxies: list[NetworkField] = Field(default_factory=list)
+    proxy_timeout: Duration = 10.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -67,10 +105,22 @@ class Listener(StrictModel):
     @model_validator(mode="after")
     def _check_address(self) -> Listener:
         self.host_port  # noqa: B018 - raises ValueError on a bad address
+        if self.starttls is None and (self.tls == "implicit" or self.require_starttls):
+            raise ValueError("tls: implicit and require_starttls need starttls: {cert, key}")
+        if self.tls == "implicit" and self.require_starttls:
+            raise ValueError("require_starttls makes no sense with tls: implicit")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies (the load balancers)")
         return self
+
+    def is_trusted_proxy(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True when ``ip`` lies in one of ``trusted_proxies``."""
+        return _in_networks(ip, self.trusted_proxies)
 
 
 def _upstream_shorthand(value: object) -> object:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return {"url": value[0], "failover": value[1:]}
     return {"url": value} if isinstance(value, str) else value
 
 
@@ -89,6 +139,19 @@ class Upstream(StrictModel):
     max_connections: int = Field(default=200, ge=1)
     """Upstream connections open at once, idle or busy; past it MAIL waits, then gets a 4xx."""
     idle_timeout: Duration = 30.0
+    failover: list[str] = Field(default_factory=list)
+    """More ``smtp://`` servers, tried in order when the ones before them are down."""
+    down_for: Duration = 30.0
+    """How long a server that failed to connect is skipped (while another one is up)."""
+    client_identity: Literal["off", "xforward", "xclient"] = "off"
+    """Tell the upstream who the real client is: XCLIENT (falling back to XFORWARD) or XFORWARD."""
+
+    @property
+    def servers(self) -> list[tuple[str, int]]:
+        """Host and port of every ``smtp://`` server, in failover order."""
+        return [
+            split_host_port(url.removeprefix("smtp://"), 25) for url in [self.url, *self.failover]
+        ]
 
     @property
     def kind(self) -> Literal["smtp", "maildir"]:
@@ -114,7 +177,31 @@ class Upstream(StrictModel):
             self.host_port  # noqa: B018 - raises ValueError on a bad address
         else:
             raise ValueError(f"expected smtp://HOST:PORT or maildir:PATH, got {self.url!r}")
+        if self.failover and (
+            self.kind == "maildir" or not all(u.startswith("smtp://") for u in self.failover)
+        ):
+            raise ValueError("failover lists further smtp://HOST:PORT servers after an smtp:// url")
+        if self.kind == "smtp":
+            self.servers  # noqa: B018 - raises ValueError on a bad address
         return self
+
+
+UpstreamField = Annotated[Upstream, BeforeValidator(_upstream_shorthand)]
+
+
+class Queue(StrictModel):
+    """The spool of queue mode (``delivery: queue``) and its delivery workers."""
+
+    directory: str = "./spool"
+    concurrency: int = Field(default=4, ge=1)
+    """Messages delivered at once."""
+    retry_min: Duration = 300.0
+    """The wait after the first failed attempt; it doubles after each further one."""
+    retry_max: Duration = 3600.0
+    lifetime: Duration = 5 * 86400.0
+    """After this long undelivered, the sender gets a DSN and the message is dropped."""
+    scan_interval: Duration = 60.0
+    """How often the spool folder is re-read (other processes, ``mailgate queue flush``)."""
 
 
 class Limits(StrictModel):
@@ -122,8 +209,43 @@ class Limits(StrictModel):
 
     message_size: Size = 25_000_000
     recipients: int = Field(default=100, ge=1)
-    idle_timeout: Duration = 300.0
-    """How long the gateway waits for the client's next command."""
+    idle_timeout: Duration = Field(default=300.0, gt=0)
+    """How long the gateway waits for one whole command line (or, in DATA, for more data)."""
+    data_timeout: Duration = Field(default=600.0, gt=0)
+    """The longest the DATA phase may take, from the 354 reply to the final dot."""
+    session_timeout: Duration = Field(default=3600.0, gt=0)
+    """The longest a connection may last; checked whenever the gateway waits for the client."""
+    connections: int = Field(default=1000, ge=1)
+    """Client connections open at once (per process); more get 421 4.7.0 at connect."""
+    connections_per_ip: int = Field(default=50, ge=1)
+    """Connections open at once from one address (trusted networks exempt)."""
+    errors: int = Field(default=20, ge=1)
+    """4xx/5xx replies a session may get before 421 4.7.0 and disconnect (reset on delivery)."""
+    junk_commands: int = Field(default=100, ge=0)
+    """NOOP/RSET/VRFY allowed between deliveries; each one past it counts as an error."""
+    line_length: Size = Field(default=65536, ge=1001, le=16 * 1024 * 1024)
+    """Longest accepted line, CRLF included; a longer DATA line gets 500 5.5.2 for the message."""
+
+
+class Protocol(StrictModel):
+    """SMTP protocol hardening: line endings in DATA and clients that talk too early."""
+
+    line_endings: Literal["reject", "normalize"] = "reject"
+    """A bare CR or LF in DATA: ``reject`` (550 5.6.0) or ``normalize`` to CRLF."""
+    line_endings_exclusions: list[NetworkField] = Field(default_factory=list)
+    """Clients whose bare CR/LF are normalised even when ``line_endings`` is ``reject``."""
+    early_talker: Literal["reject", "monitor", "off"] = "reject"
+    """A client that sends before the greeting: refuse it (554 5.5.1), only log it, or ignore."""
+    greet_delay: Duration = Field(default=0.0, le=60)
+    """Wait this long after connect (sending a ``220-`` first line) before the greeting."""
+
+    def line_endings_for(
+        self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> Literal["reject", "normalize"]:
+        """The line-ending mode for a client at ``ip``."""
+        if self.line_endings == "normalize" or _in_networks(ip, self.line_endings_exclusions):
+            return "normalize"
+        return "reject"
 
 
 class Scoring(StrictModel):
@@ -139,6 +261,8 @@ class Logging(StrictModel):
     """Where and how the decision log is written."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    """``text``: ``key=value`` lines; ``json``: one JSON object per line."""
 
 
 class Dns(StrictModel):
@@ -150,39 +274,93 @@ class Dns(StrictModel):
     cache_size: int = Field(default=10_000, ge=0)
 
 
+def _state_shorthand(value: object) -> object:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class State(StrictModel):
+    """Where rate-limit and greylist state lives (``gateway.state``).
+
+    ``memory`` (per process) or ``redis://[:password@]host:port/db`` (also
+    ``rediss://`` and ``unix://``), shared by every process using that database.
+    """
+
+    url: str = "memory"
+    timeout: Duration = 1.0
+    """The longest wait for Redis (connect or reply); past it the check fails (``on_error``)."""
+    key_prefix: str = "mailgate:"
+
+    @model_validator(mode="after")
+    def _check_url(self) -> State:
+        scheme = urlsplit(self.url).scheme
+        if self.url != "memory" and scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected memory or redis://HOST:PORT/DB, got {self.url!r}")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        return self
+
+
 class Policy(StrictModel):
     """The whole policy file."""
 
     hostname: str = Field(default_factory=socket.getfqdn)
     listen: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
-    upstream: Annotated[Upstream, BeforeValidator(_upstream_shorthand)] = Field(
-        default_factory=Upstream
-    )
+    upstream: UpstreamField = Field(default_factory=Upstream)
+    delivery: Literal["inline", "queue"] = "inline"
+    """``inline``: relay in lockstep; ``queue``: spool (fsynced) before 250, deliver later."""
+    routes: dict[str, UpstreamField] = Field(default_factory=dict)
+    """Queue mode: recipient domain (``.example.com`` = its subdomains, ``*`` = any) -> upstream."""
+    queue: Queue = Field(default_factory=Queue)
     domains: list[str] = Field(default_factory=list)
     """Recipient domains mail is accepted for (subdomains are not included)."""
     trusted_networks: list[NetworkField] = Field(default_factory=list)
     """Clients that may relay to any domain."""
     limits: Limits = Field(default_factory=Limits)
+    protocol: Protocol = Field(default_factory=Protocol)
     scoring: Scoring = Field(default_factory=Scoring)
     log: Logging = Field(default_factory=Logging)
+    metrics: Annotated[str, AfterValidator(_host_port)] | None = None
+    """``HOST:PORT`` serving Prometheus ``/metrics`` and ``/health``; unset: no endpoint."""
+    pid_file: str | None = None
+    """Written by ``mailgate run``; ``mailgate reload`` signals the pid in it."""
+    shutdown_timeout: Duration = 30.0
+    """On SIGTERM: how long transactions in flight may take to finish."""
     dns: Dns = Field(default_factory=Dns)
+    state: Annotated[State, BeforeValidator(_state_shorthand)] = Field(default_factory=State)
+    """Rate-limit and greylist state: ``memory`` or ``redis://host:port/db``."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """Processes serving the same ports (SO_REUSEPORT); ports must then be fixed, not 0."""
     plugins: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     """Plugin name -> its settings, in the order the plugins run."""
 
     @model_validator(mode="after")
+    def _check_workers(self) -> Policy:
+        if self.workers > 1 and any(entry.host_port[1] == 0 for entry in self.listen):
+            raise ValueError("workers > 1 needs fixed listen ports (port 0 picks one per process)")
+        return self
+
+    @model_validator(mode="after")
     def _normalise(self) -> Policy:
         object.__setattr__(self, "domains", [d.lower().rstrip(".") for d in self.domains])
+        if self.routes and self.delivery != "queue":
+            raise ValueError("routes need delivery: queue")
+        routes = {k.lower().rstrip("."): v for k, v in self.routes.items()}
+        object.__setattr__(self, "routes", routes)
         return self
 
     def is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when ``ip`` lies in one of ``trusted_networks``."""
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted_networks)
+        return _in_networks(ip, self.trusted_networks)
+
+
+def _in_networks(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in nets)
 
 
 def validation_messages(
-    doc: Document, exc: ValidationError, prefix: tuple[str, ...] = ()
+    doc: Document, exc: ValidationError, prefix: tuple[str | int, ...] = ()
 ) -> list[str]:
     """Turn pydantic's errors into ``FILE:LINE:COL: path: message`` lines."""
     out = []

@@ -132,10 +132,11 @@ def _instantiate(target: Any, raw: dict[str, Any]) -> object:
 
 
 def build_plugins(policy: Policy, doc: Document) -> PluginSet:
-    """Load, configure and register every plugin the policy names (plus relay control).
+    """Load, configure and register every plugin the policy names (plus the always-on ones).
 
     Raises :class:`SourceError` with every problem found, each with its position.
     """
+    from plugins.auth_results import AuthResults
     from plugins.relay_access import RelayAccess
 
     manager = pluggy.PluginManager("mailgate")
@@ -169,6 +170,7 @@ def build_plugins(policy: Policy, doc: Document) -> PluginSet:
             continue
         loaded.append(LoadedPlugin(name, plugin, settings))
     loaded.append(LoadedPlugin(RelayAccess.name, RelayAccess(policy), PluginSettings()))
+    loaded.append(LoadedPlugin(AuthResults.name, AuthResults(policy), PluginSettings()))
     if errors:
         raise SourceError(errors)
     # pluggy calls the last registered first: register in reverse to run in policy order.

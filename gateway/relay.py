@@ -9,6 +9,13 @@ upstream and the client gets the upstream's reply. So the gateway never says
 A connection goes back to the pool only after a clean RSET. After any error,
 timeout or cancellation it is closed and never reused. An upstream that is
 down, slow or drops the connection gives the client a 4xx.
+
+With several servers (``url`` then ``failover``), a new connection goes to the
+first one that is up; one that fails to connect (refused, timed out, bad
+greeting, failed TLS) is marked down for ``down_for`` and skipped while another
+is up. When every server is marked down they are all tried anyway, so a
+marking never refuses mail by itself. ``client_identity`` sends XCLIENT or
+XFORWARD (``gateway.xclient``) before MAIL.
 """
 
 from __future__ import annotations
@@ -21,14 +28,18 @@ from typing import Protocol
 
 import aiosmtplib
 
+from gateway.dns import Resolver
 from gateway.policy import Upstream as UpstreamConfig
+from gateway.tls import client_context
 from gateway.verdict import Reply
+from gateway.xclient import ClientIdentity, command
 
 log = logging.getLogger("mailgate.relay")
 
 UNAVAILABLE = Reply(451, "Upstream server unavailable, try again later", "4.4.1")
 TIMED_OUT = Reply(451, "Upstream server timed out, try again later", "4.4.2")
 BROKEN = Reply(451, "Upstream connection failed, try again later", "4.4.2")
+IDENTITY_REFUSED = Reply(451, "Upstream refused the client identity, try again later", "4.3.0")
 
 
 class UpstreamTransaction(Protocol):
@@ -53,8 +64,8 @@ class UpstreamTransaction(Protocol):
 class Upstream(Protocol):
     """Where accepted mail goes."""
 
-    def begin(self) -> UpstreamTransaction:
-        """Start a transaction; nothing is sent until ``mail``."""
+    def begin(self, identity: ClientIdentity | None = None) -> UpstreamTransaction:
+        """Start a transaction for the client ``identity``; nothing is sent until ``mail``."""
 
     async def close(self) -> None:
         """Close every idle connection."""
@@ -72,21 +83,47 @@ def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
     return Reply(response.code, response.message, "")
 
 
-class _Connection:
-    __slots__ = ("client", "idle_since")
+class _Server:
+    """One upstream server and its health mark."""
 
-    def __init__(self, client: aiosmtplib.SMTP) -> None:
+    __slots__ = ("down_until", "host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.down_until = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _Connection:
+    __slots__ = ("client", "identity", "idle_since", "server", "xclient", "xforward")
+
+    def __init__(self, client: aiosmtplib.SMTP, server: _Server) -> None:
         self.client = client
+        self.server = server
         self.idle_since = time.monotonic()
+        # What the upstream advertised before any XCLIENT changed who it thinks we are.
+        self.xclient: str | None = client.esmtp_extensions.get("xclient")
+        self.xforward: str | None = client.esmtp_extensions.get("xforward")
+        self.identity: ClientIdentity | None = None
+        """The client this connection was announced as with XCLIENT; None if never."""
+
+
+class _IdentityRefused(Exception):
+    """The upstream refused XCLIENT (or the EHLO after it); the connection is not reused."""
 
 
 class SmtpUpstream:
-    """A pool of aiosmtplib connections to one upstream server."""
+    """A pool of aiosmtplib connections to one upstream, with failover between its servers."""
 
-    def __init__(self, config: UpstreamConfig, local_hostname: str) -> None:
+    def __init__(
+        self, config: UpstreamConfig, local_hostname: str, resolver: Resolver | None = None
+    ) -> None:
         self.config = config
         self.local_hostname = local_hostname
-        self.host, self.port = config.host_port
+        self.resolver = resolver
+        self.servers = [_Server(host, port) for host, port in config.servers]
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(config.max_connections)
         self._tls_context = self._make_tls_context()
@@ -94,42 +131,72 @@ class SmtpUpstream:
     def _make_tls_context(self) -> ssl.SSLContext | None:
         if self.config.starttls == "off":
             return None
-        context = ssl.create_default_context(cafile=self.config.ca_file)
-        if not self.config.verify_certificate or self.config.starttls == "opportunistic":
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        # Opportunistic TLS takes any certificate: it only guards against passive listeners.
+        verify = self.config.verify_certificate and self.config.starttls == "required"
+        return client_context(verify=verify, ca_file=self.config.ca_file)
 
-    def begin(self) -> SmtpTransaction:
+    def begin(self, identity: ClientIdentity | None = None) -> SmtpTransaction:
         """Start a transaction; a connection is checked out at ``mail``."""
-        return SmtpTransaction(self)
+        return SmtpTransaction(self, identity)
+
+    def health(self) -> dict[str, bool]:
+        """``host:port`` -> whether that server is currently considered up."""
+        now = time.monotonic()
+        return {str(s): s.down_until <= now for s in self.servers}
+
+    def _candidates(self) -> list[_Server]:
+        now = time.monotonic()
+        up = [s for s in self.servers if s.down_until <= now]
+        return up or sorted(self.servers, key=lambda s: s.down_until)
 
     async def _connect(self) -> _Connection:
         start_tls = {"off": False, "opportunistic": None, "required": True}[self.config.starttls]
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            local_hostname=self.local_hostname,
-            timeout=self.config.connect_timeout,
-            start_tls=start_tls,
-            tls_context=self._tls_context,
-            validate_certs=self._tls_context is not None and self.config.verify_certificate,
-        )
-        await client.connect()
-        client.timeout = self.config.timeout
-        return _Connection(client)
+        error: BaseException | None = None
+        for server in self._candidates():
+            client = aiosmtplib.SMTP(
+                hostname=server.host,
+                port=server.port,
+                local_hostname=self.local_hostname,
+                timeout=self.config.connect_timeout,
+                start_tls=start_tls,
+                tls_context=self._tls_context,
+            )
+            try:
+                await client.connect()
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                client.close()
+                if server.down_until <= time.monotonic():
+                    log.warning("upstream %s marked down: %s", server, exc)
+                server.down_until = time.monotonic() + self.config.down_for
+                error = exc
+                continue
+            if server.down_until:
+                log.info("upstream %s is up again", server)
+                server.down_until = 0.0
+            client.timeout = self.config.timeout
+            return _Connection(client, server)
+        assert error is not None
+        raise error
 
-    async def checkout(self) -> tuple[_Connection, bool]:
-        """An open connection and whether it was reused from the pool."""
+    async def checkout(self, identity: ClientIdentity | None = None) -> tuple[_Connection, bool]:
+        """An open connection and whether it was reused from the pool.
+
+        A connection announced with XCLIENT as another client is not reused for this one.
+        """
         async with asyncio.timeout(self.config.connect_timeout):
             await self._slots.acquire()
         try:
             now = time.monotonic()
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.client.is_connected and now - conn.idle_since < self.config.idle_timeout:
+            for conn in self._idle[::-1]:
+                expired = now - conn.idle_since >= self.config.idle_timeout
+                if expired or not conn.client.is_connected:
+                    self._idle.remove(conn)
+                    conn.client.close()
+                elif conn.identity is None or conn.identity == identity:
+                    self._idle.remove(conn)
                     return conn, True
-                conn.client.close()
             return await self._connect(), False
         except BaseException:
             self._slots.release()
@@ -143,6 +210,40 @@ class SmtpUpstream:
             self._idle.append(conn)
         else:
             conn.client.close()
+
+    async def announce(self, conn: _Connection, identity: ClientIdentity | None) -> None:
+        """Tell the upstream who the client is (XCLIENT or XFORWARD), as the policy asks."""
+        mode = self.config.client_identity
+        if mode == "off" or identity is None:
+            return
+        client = conn.client
+        if mode == "xclient" and conn.xclient is not None:
+            if conn.identity == identity:
+                return
+            if "NAME" in conn.xclient.upper().split() and self.resolver is not None:
+                await identity.resolve_name(self.resolver)
+            line = command("XCLIENT", identity, conn.xclient)
+            if line is None:
+                return
+            response = await client.execute_command(line.encode())
+            if response.code != 220:
+                raise _IdentityRefused(f"{response.code} {response.message}")
+            conn.identity = identity
+            # XCLIENT resets the session to the greeting; the EHLO now speaks for the client.
+            helo = identity.helo or ""
+            usable = helo.isascii() and helo.isprintable() and " " not in helo and helo != ""
+            try:
+                await client.ehlo(hostname=helo if usable else None)
+            except aiosmtplib.SMTPHeloError as exc:
+                raise _IdentityRefused(f"EHLO after XCLIENT: {exc.code} {exc.message}") from None
+        elif conn.xforward is not None:
+            if "NAME" in conn.xforward.upper().split() and self.resolver is not None:
+                await identity.resolve_name(self.resolver)
+            line = command("XFORWARD", identity, conn.xforward)
+            if line is not None:
+                response = await client.execute_command(line.encode())
+                if response.code != 250:
+                    log.warning("upstream %s refused XFORWARD: %s", conn.server, response)
 
     def discard(self, conn: _Connection) -> None:
         """Close a connection whose state is unknown; it is never reused."""
@@ -163,8 +264,9 @@ class SmtpUpstream:
 class SmtpTransaction:
     """One transaction on one pooled connection, driven step by step by the session."""
 
-    def __init__(self, upstream: SmtpUpstream) -> None:
+    def __init__(self, upstream: SmtpUpstream, identity: ClientIdentity | None = None) -> None:
         self.upstream = upstream
+        self.identity = identity
         self.conn: _Connection | None = None
 
     def _release(self, clean: bool) -> None:
@@ -179,15 +281,15 @@ class SmtpTransaction:
         """Check out a connection and send MAIL FROM (retrying once on a stale pooled one)."""
         for _attempt in range(2):
             try:
-                conn, reused = await self.upstream.checkout()
+                conn, reused = await self.upstream.checkout(self.identity)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                log.warning(
-                    "upstream %s:%s unavailable: %s", self.upstream.host, self.upstream.port, exc
-                )
+                servers = ", ".join(map(str, self.upstream.servers))
+                log.warning("upstream %s unavailable: %s", servers, exc)
                 return UNAVAILABLE
             self.conn = conn
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
             try:
+                await self.upstream.announce(conn, self.identity)
                 return _reply(await conn.client.mail(sender, options=options, encoding=encoding))
             except aiosmtplib.SMTPResponseException as exc:
                 await self.reset()
@@ -197,6 +299,10 @@ class SmtpTransaction:
                 if reused:
                     continue
                 return BROKEN
+            except _IdentityRefused as exc:
+                log.error("upstream %s refused XCLIENT: %s", conn.server, exc)
+                self._release(clean=False)
+                return IDENTITY_REFUSED
             except BaseException as exc:
                 self._release(clean=False)
                 if isinstance(exc, aiosmtplib.SMTPTimeoutError):

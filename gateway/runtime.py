@@ -7,16 +7,26 @@ the rules under a transaction in flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from gateway import state as state_store
 from gateway.dns import Resolver
 from gateway.maildir import MaildirUpstream
+from gateway.observer import Observers
 from gateway.policy import Policy, parse_policy
-from gateway.registry import PluginSet, build_plugins
+from gateway.policy import Upstream as UpstreamConfig
+from gateway.queue import QueueUpstream
+from gateway.registry import LoadedPlugin, PluginSet, PluginSettings, build_plugins
 from gateway.relay import SmtpUpstream, Upstream
 from gateway.stages import StageRunner
+from gateway.state.memory import MemoryState
 from gateway.yamlsource import Document, load_file
+
+if TYPE_CHECKING:
+    from gateway.session import SmtpSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,19 +36,64 @@ class StartupContext:
     policy: Policy
     hostname: str
     dns: Resolver
-    state: Any = None
+    state: state_store.StateBackend = field(default_factory=MemoryState)
+    """The rate-limit and greylist store (``gateway.state``), one per process and config."""
+    plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
+
+    def settings_of(self, plugin: object) -> PluginSettings:
+        """The common settings (``mode``, ``rule_modes``, ``timeout``) of ``plugin``."""
+        for loaded in self.plugins.values():
+            if loaded.plugin is plugin:
+                return loaded.settings
+        return PluginSettings()
 
 
 class Runtime:
     """One policy, validated and built; start it before use, stop it after."""
 
-    def __init__(self, policy: Policy, plugin_set: PluginSet, filename: str) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        plugin_set: PluginSet,
+        filename: str,
+        upstream: Upstream | None = None,
+    ) -> None:
         self.policy = policy
         self.filename = filename
         self.plugin_set = plugin_set
-        self.runner = StageRunner(plugin_set)
+        self.observers = Observers()
+        """Subscribe here to watch this runtime's data path (metrics, ``mailgate test``)."""
+        self.runner = StageRunner(plugin_set, self.observers)
         self.dns = Resolver(policy.dns)
-        self.upstream: Upstream = make_upstream(policy)
+        self.upstream: Upstream = upstream or make_upstream(policy, self.dns)
+        self.state: state_store.StateBackend | None = None
+        self.sessions: set[SmtpSession] = set()
+        """The open connections that use this runtime."""
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+
+    def session_opened(self, handler: SmtpSession) -> None:
+        """A connection started using this runtime (``handler.session`` is set)."""
+        assert handler.session is not None
+        self.sessions.add(handler)
+        self._no_sessions.clear()
+        self.observers.session_opened(handler.session)
+
+    def session_closed(self, handler: SmtpSession) -> None:
+        """A connection that used this runtime is gone."""
+        assert handler.session is not None
+        self.sessions.discard(handler)
+        if not self.sessions:
+            self._no_sessions.set()
+        self.observers.session_closed(handler.session)
+
+    def transactions_in_flight(self) -> int:
+        """How many of this runtime's sessions are inside a transaction (MAIL to its end)."""
+        return sum(1 for handler in self.sessions if handler.txn is not None)
+
+    async def wait_no_sessions(self) -> None:
+        """Return once every connection using this runtime has closed."""
+        await self._no_sessions.wait()
 
     @classmethod
     def from_document(cls, doc: Document) -> Runtime:
@@ -53,17 +108,32 @@ class Runtime:
 
     async def start(self) -> None:
         """Run every plugin's ``on_startup``."""
-        context = StartupContext(self.policy, self.policy.hostname, self.dns)
+        self.state = state_store.acquire(self.policy.state)
+        context = StartupContext(
+            self.policy, self.policy.hostname, self.dns, self.state, self.plugin_set.plugins
+        )
         await self.runner.run_event("on_startup", context=context)
+        if isinstance(self.upstream, QueueUpstream):
+            await self.upstream.start()  # resumes the spool
 
     async def stop(self) -> None:
         """Run every plugin's ``on_shutdown`` and close idle upstream connections."""
         await self.runner.run_event("on_shutdown")
         await self.upstream.close()
+        if self.state is not None:
+            self.state = None
+            await state_store.release(self.policy.state)
 
 
-def make_upstream(policy: Policy) -> Upstream:
-    """The upstream the policy names."""
-    if policy.upstream.kind == "maildir":
-        return MaildirUpstream(policy.upstream.maildir_path)
-    return SmtpUpstream(policy.upstream, policy.hostname)
+def make_upstream(policy: Policy, dns: Resolver | None = None) -> Upstream:
+    """The upstream the policy names: the queue (``delivery: queue``), a server or a Maildir."""
+    if policy.delivery == "queue":
+        return QueueUpstream(policy, lambda config: upstream_for(config, policy.hostname, dns))
+    return upstream_for(policy.upstream, policy.hostname, dns)
+
+
+def upstream_for(config: UpstreamConfig, hostname: str, dns: Resolver | None) -> Upstream:
+    """An ``smtp://`` connection pool or a ``maildir:`` folder."""
+    if config.kind == "maildir":
+        return MaildirUpstream(config.maildir_path)
+    return SmtpUpstream(config, hostname, dns)

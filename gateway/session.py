@@ -20,9 +20,13 @@ from typing import Any
 
 from gateway.context import Envelope, Message, Scorecard, Session, VerdictRecord
 from gateway.decisionlog import log_connection, log_transaction
+from gateway.lineendings import screen
+from gateway.observer import ObservedTransaction
 from gateway.relay import UpstreamTransaction
+from gateway.rewrite import strip_headers
 from gateway.runtime import Runtime
 from gateway.verdict import Reply
+from gateway.xclient import ClientIdentity
 
 log = logging.getLogger("mailgate.session")
 
@@ -52,8 +56,17 @@ def _oneline(text: str) -> str:
 
 
 def _header_line(name: str, value: str) -> bytes:
-    """One header field whose value cannot inject another."""
-    return f"{name}: {_oneline(value)}\r\n".encode("utf-8", "surrogateescape")
+    """One header field whose value cannot inject another.
+
+    A fold (CRLF then a space or tab, then text) is kept, so long values such
+    as DKIM-Signature stay within the line limit; any other CR or LF becomes a space.
+    """
+    first, *rest = value.split("\r\n")
+    folded = _oneline(first)
+    for part in rest:
+        fold = part[:1] in (" ", "\t") and part.strip()
+        folded += ("\r\n" if fold else " ") + _oneline(part)
+    return f"{name}: {folded}\r\n".encode("utf-8", "surrogateescape")
 
 
 class SmtpSession:
@@ -66,8 +79,12 @@ class SmtpSession:
 
     # ---------------------------------------------------------------- connect
 
-    async def connect(self, peer: tuple[str, int]) -> Reply | None:
-        """Start the session for ``peer``; return a reply to refuse the connection."""
+    async def connect(self, peer: tuple[str, int], tls: bool = False) -> Reply | None:
+        """Start the session for ``peer``; return a reply to refuse the connection.
+
+        ``peer`` is the real client (from a PROXY header when the listener has one);
+        ``tls`` is true on an implicit-TLS listener.
+        """
         ip = ipaddress.ip_address(peer[0].partition("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
@@ -77,7 +94,9 @@ class SmtpSession:
             client_port=peer[1],
             local_hostname=self.rt.policy.hostname,
             trusted=self.rt.policy.is_trusted(ip),
+            tls=tls,
         )
+        self.rt.session_opened(self)
         outcome = await self.rt.runner.run_stage(
             "on_connect", session.card, session.id, session=session
         )
@@ -89,7 +108,18 @@ class SmtpSession:
         """The connection is gone: abandon any transaction, tell the plugins."""
         self._finish("disconnect", None, abort_upstream=True)
         if self.session is not None:
-            await self.rt.runner.run_event("on_disconnect", session=self.session)
+            try:
+                await self.rt.runner.run_event("on_disconnect", session=self.session)
+            finally:
+                self.rt.session_closed(self)
+
+    def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
+        """The TLS handshake after STARTTLS succeeded: the client must greet again."""
+        self._finish("reset", None, abort_upstream=True)  # RFC 3207: back to the start
+        if self.session is not None:
+            self.session.tls = True
+            self.session.helo = None
+        return True
 
     # ---------------------------------------------------------------- greeting
 
@@ -132,24 +162,28 @@ class SmtpSession:
         assert self.session is not None
         await self._reset()
         self.session.transactions += 1
+        # aiosmtpd hands over the null reverse-path as "<>"; hooks and the relay get "".
+        sender = "" if address == "<>" else address
         inherited = Scorecard(self.session.card.score, list(self.session.card.headers))
         env = Envelope(
             id=f"{self.session.id}.{self.session.transactions}",
-            sender=address,
+            sender=sender,
             mail_options=list(mail_options),
             smtputf8="SMTPUTF8" in mail_options,
             card=inherited,
         )
         self.txn = txn = _Transaction(env)
         outcome = await self.rt.runner.run_stage(
-            "on_mail", env.card, env.id, session=self.session, envelope=env, sender=address
+            "on_mail", env.card, env.id, session=self.session, envelope=env, sender=sender
         )
         if outcome.reply is not None:
             self._finish("mail", outcome.reply)
             return outcome.reply.render()
-        txn.upstream = self.rt.upstream.begin()
+        txn.upstream = ObservedTransaction(
+            self.rt.upstream.begin(ClientIdentity.of(self.session)), self.rt.observers
+        )
         options = [o for o in mail_options if o in _FORWARDED_MAIL_OPTIONS]
-        reply = await txn.upstream.mail(address, options)
+        reply = await txn.upstream.mail(sender, options)
         if not reply.positive:
             txn.upstream = None  # the relay has already released the connection
             self._finish("mail", reply, upstream=reply)
@@ -185,6 +219,14 @@ class SmtpSession:
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
         assert upstream is not None
         raw: bytes = envelope.original_content
+        # Bare CR/LF and NUL are settled before any plugin sees the bytes (gateway.lineendings).
+        screened = screen(raw, self.rt.policy.protocol.line_endings_for(self.session.client_ip))
+        env.card.verdicts.extend(screened.records)
+        if screened.reply is not None:
+            self._finish("data", screened.reply, size=len(raw))
+            await upstream.reset()
+            return screened.reply.render()
+        raw = screened.data
         message = Message(raw)
         try:
             outcome = await self.rt.runner.run_stage(
@@ -195,7 +237,8 @@ class SmtpSession:
                 self._finish("data", reply, size=len(raw))
                 await upstream.reset()
                 return reply.render()
-            upstream_reply = await upstream.data(self._added_headers(env) + raw)
+            relayed = strip_headers(raw, env.card.strip)
+            upstream_reply = await upstream.data(self._added_headers(env) + relayed)
         except BaseException:
             self._finish("data", None, abort_upstream=True, size=len(raw))
             raise
@@ -304,3 +347,4 @@ class SmtpSession:
             rejected=txn.rejected,
             size=size,
         )
+        self.rt.observers.transaction_done(self.session, txn.envelope, stage, reply)

@@ -13,6 +13,9 @@ policy order (``tryfirst``/``trylast`` respected):
   mode is dropped;
 - an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
   mode it is only logged), so no mail passes a filter that did not run.
+
+Each stage's outcome and duration, and each plugin failure, are reported to
+the runtime's observers (``gateway.observer``: metrics, ``mailgate test``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.context import Scorecard, VerdictRecord
+from gateway.observer import Observer
 from gateway.registry import EVENTS, STAGES, PluginSet, PluginSettings
 from gateway.verdict import Action, Reply, Verdict
 
@@ -55,8 +60,9 @@ class StageOutcome:
 class StageRunner:
     """Runs stage and event hooks for one loaded policy."""
 
-    def __init__(self, plugin_set: PluginSet) -> None:
+    def __init__(self, plugin_set: PluginSet, observer: Observer | None = None) -> None:
         self.plugin_set = plugin_set
+        self.observer = observer or Observer()
         self._impls: dict[str, list[_Impl]] = {}
         for hook in (*STAGES, *EVENTS):
             impls = reversed(getattr(plugin_set.manager.hook, hook).get_hookimpls())
@@ -85,6 +91,14 @@ class StageRunner:
         self, stage: str, card: Scorecard, txn_id: str, **kwargs: Any
     ) -> StageOutcome:
         """Run the ``stage`` hook; record verdicts and add tags to ``card``."""
+        started = time.perf_counter()
+        outcome = await self._run_stage(stage, card, txn_id, kwargs)
+        self.observer.stage_done(stage, outcome, time.perf_counter() - started)
+        return outcome
+
+    async def _run_stage(
+        self, stage: str, card: Scorecard, txn_id: str, kwargs: dict[str, Any]
+    ) -> StageOutcome:
         outcome = StageOutcome()
         for impl in self._impls[stage]:
             monitor = impl.settings.mode == "monitor"
@@ -106,6 +120,9 @@ class StageRunner:
                     " (monitor: ignored)" if monitor else "",
                     exc_info=exc_info,
                 )
+                self.observer.plugin_failed(
+                    impl.plugin, stage, "timeout" if isinstance(exc, TimeoutError) else "error"
+                )
                 record = VerdictRecord(
                     impl.plugin, stage, f"{impl.plugin}.error", "tempfail", what, not monitor
                 )
@@ -125,6 +142,7 @@ class StageRunner:
                     stage,
                     type(result).__name__,
                 )
+                self.observer.plugin_failed(impl.plugin, stage, "bad_result")
                 if monitor:
                     continue
                 outcome.reply = PLUGIN_FAILURE
@@ -141,6 +159,7 @@ class StageRunner:
                 result.reason,
                 enforced,
                 result.score,
+                result.headers,
             )
             card.verdicts.append(record)
             outcome.records.append(record)
@@ -159,6 +178,7 @@ class StageRunner:
             if result.action is Action.TAG:
                 card.score += result.score
                 card.headers.extend(result.headers)
+                card.strip.extend(result.strip)
                 continue
             if result.action is Action.ACCEPT:
                 outcome.accepted_by = result.rule
@@ -171,5 +191,7 @@ class StageRunner:
         for impl in self._impls[event]:
             try:
                 await self._call(impl, kwargs)
-            except Exception:
+            except Exception as exc:
                 log.exception("plugin error: plugin=%s hook=%s", impl.plugin, event)
+                kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+                self.observer.plugin_failed(impl.plugin, event, kind)

@@ -174,8 +174,13 @@ class RecordingUpstream:
         """Stop listening: new connections are refused."""
         if self.server is not None:
             server, self.server = self.server, None
-            server.close()
-            self.loop_thread.run(server.wait_closed())
+
+            async def _close() -> None:
+                # On the loop's own thread: asyncio.Server is not thread-safe.
+                server.close()
+                await server.wait_closed()
+
+            self.loop_thread.run(_close())
 
     @property
     def url(self) -> str:

@@ -9,7 +9,10 @@ rule id and the reason.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from gateway.rewrite import HeaderStrip
 
 
 class Action(enum.Enum):
@@ -67,6 +70,7 @@ class Verdict:
     text: str = ""
     score: float = 0.0
     headers: tuple[tuple[str, str], ...] = field(default=())
+    strip: tuple[HeaderStrip, ...] = field(default=())
 
     @classmethod
     def accept(cls, rule: str, reason: str) -> Verdict:
@@ -99,9 +103,21 @@ class Verdict:
         *,
         score: float = 0.0,
         headers: dict[str, str] | None = None,
+        strip: Iterable[HeaderStrip] = (),
     ) -> Verdict:
-        """Add ``score`` to the message's total and ``headers`` to the relayed message."""
-        return cls(Action.TAG, rule, reason, score=score, headers=tuple((headers or {}).items()))
+        """Add ``score`` to the message's total and ``headers`` to the relayed message.
+
+        ``strip`` names header fields to remove from the relayed message (see
+        :mod:`gateway.rewrite`); it applies to tags given from ``on_mail`` to ``on_data``.
+        """
+        return cls(
+            Action.TAG,
+            rule,
+            reason,
+            score=score,
+            headers=tuple((headers or {}).items()),
+            strip=tuple(strip),
+        )
 
     @property
     def ends_stage(self) -> bool:

@@ -8,6 +8,7 @@ its line and column, so that a validation error can name ``FILE:LINE:COL``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,23 @@ Path = tuple[str | int, ...]
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys."""
+    """SafeLoader that rejects duplicate mapping keys and reads booleans as YAML 1.2 does.
+
+    YAML 1.1 reads unquoted ``on``, ``off``, ``yes``, ``no`` as booleans, so
+    ``mode: off`` would arrive as ``False``. Here only ``true`` and ``false``
+    are booleans; everything else is the string it looks like.
+    """
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:

@@ -2,13 +2,34 @@
 
 ``BUILTIN_PLUGINS`` lists them in their default order. A policy enables a
 plugin by naming it under ``plugins:``; the policy's order is the run order.
-``relay_access`` is not listed: the core always loads it, last.
+``relay_access`` and ``auth_results`` are not listed: the core always loads
+them, last.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-BUILTIN_PLUGINS: tuple[type[Any], ...] = ()
+from plugins.arc import Arc
+from plugins.dkim import Dkim
+from plugins.dmarc import Dmarc
+from plugins.dnsbl import Dnsbl
+from plugins.greylist import Greylist
+from plugins.headers import Headers
+from plugins.helo import Helo
+from plugins.ratelimit import RateLimit
+from plugins.spf import Spf
+
+BUILTIN_PLUGINS: tuple[type[Any], ...] = (
+    Dnsbl,
+    Helo,
+    RateLimit,
+    Greylist,
+    Spf,
+    Headers,
+    Dkim,
+    Arc,
+    Dmarc,
+)
 
 __all__ = ["BUILTIN_PLUGINS"]

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from tests.dnsserver import LoopbackDnsServer
+from tests.redis_support import redis_server  # noqa: F401 - fixture for the Redis state tests
 from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy
+from tests.tlscerts import certs  # noqa: F401 - fixture: certificates made at test time
 
 MakeGateway = Callable[..., RunningGateway]
 

@@ -104,7 +104,10 @@ class LoopbackDnsServer:
             logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data"),
         )
         self.port: int = self._server.server.server_address[1]
-        self._thread = threading.Thread(target=self._server.server.serve_forever, daemon=True)
+        # A short poll interval: stop() waits up to one interval (0.5 s by default).
+        self._thread = threading.Thread(
+            target=self._server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     @property

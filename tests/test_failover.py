@@ -100,7 +100,7 @@ def test_greeting_refusal_counts_as_down(make_gateway, upstream, backup, loop_th
         assert len(backup.messages) == 1
         assert gw.runtime.upstream.health()[f"127.0.0.1:{port}"] is False
     finally:
-        server.close()
+        loop_thread.loop.call_soon_threadsafe(server.close)  # asyncio.Server is not thread-safe
 
 
 def test_failover_must_list_smtp_servers(tmp_path, capsys):

@@ -184,5 +184,5 @@ def test_plugins_run_in_policy_order(make_gateway, upstream, decisions):
             "third": {"module": "tests.sample_plugins:Recorder"},
         }
     )
-    assert gw.runtime.plugin_set.call_order("on_data") == ["first", "third"]
+    assert gw.runtime.plugin_set.call_order("on_data") == ["first", "third", "auth_results"]
     assert gw.runtime.plugin_set.call_order("on_rcpt") == ["third", "relay_access"]

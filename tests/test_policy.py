@@ -145,3 +145,15 @@ def test_default_policy_is_valid():
     root = Path(__file__).parent.parent
     result = mailgate("check", "-c", str(root / "policies" / "default.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_yaml_on_off_yes_no_are_strings_not_booleans():
+    doc = load(
+        "plugins:\n  rec:\n    module: tests.sample_plugins:Recorder\n    mode: off\n"
+        "    rule_modes: {a.b: off, c.d: monitor}\n",
+        "p.yaml",
+    )
+    assert doc.data["plugins"]["rec"]["mode"] == "off"
+    assert doc.data["plugins"]["rec"]["rule_modes"] == {"a.b": "off", "c.d": "monitor"}
+    assert build_plugins(parse_policy(doc), doc).call_order("on_mail") == []
+    assert load("a: yes\nb: true\nc: False\n", "p.yaml").data == {"a": "yes", "b": True, "c": False}

@@ -197,7 +197,6 @@ def test_recipient_limit(make_gateway, upstream):
     assert upstream.messages[0].recipients == ["a@example.com", "b@example.com"]
 
 
-
 def test_bare_cr_in_helo_cannot_inject_a_header(make_gateway, upstream):
     gw = make_gateway()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:

@@ -152,8 +152,8 @@ class LenientUpstream:
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
-        """Stop listening."""
-        self.server.close()
+        """Stop listening (on the loop's thread: asyncio.Server is not thread-safe)."""
+        self.server.get_loop().call_soon_threadsafe(self.server.close)
 
 
 @pytest.fixture
