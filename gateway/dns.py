@@ -67,9 +67,8 @@ class Resolver:
             return await self._async.resolve(_absolute(name), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:
-            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
-        except dns.exception.DNSException as exc:
+        except (dns.exception.DNSException, OSError) as exc:
+            # Timeout, SERVFAIL from every server, a network error: "try again later".
             raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
 
     def query_sync(
@@ -84,9 +83,8 @@ class Resolver:
             return self._sync.resolve(_absolute(name), rdtype, search=False, lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:
-            raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
-        except dns.exception.DNSException as exc:
+        except (dns.exception.DNSException, OSError) as exc:
+            # Timeout, SERVFAIL from every server, a network error: "try again later".
             raise DnsTempError(f"{name}/{rdtype}: {exc}") from exc
 
     async def txt(self, name: str) -> list[bytes] | None:

@@ -83,6 +83,15 @@ def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
     return Reply(response.code, response.message, "")
 
 
+def _failure(exc: BaseException) -> Reply:
+    """The client's reply when a step failed; cancellation and our own bugs propagate."""
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return TIMED_OUT
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+        return BROKEN
+    raise exc
+
+
 class _Server:
     """One upstream server and its health mark."""
 
@@ -305,11 +314,7 @@ class SmtpTransaction:
                 return IDENTITY_REFUSED
             except BaseException as exc:
                 self._release(clean=False)
-                if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-                    return TIMED_OUT
-                if isinstance(exc, aiosmtplib.SMTPException | OSError):
-                    return BROKEN
-                raise
+                return _failure(exc)
         return BROKEN
 
     async def rcpt(self, recipient: str) -> Reply:
@@ -325,11 +330,7 @@ class SmtpTransaction:
             return _reply_from(exc)
         except BaseException as exc:
             self._release(clean=False)
-            if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-                return TIMED_OUT
-            if isinstance(exc, aiosmtplib.SMTPException | OSError):
-                return BROKEN
-            raise
+            return _failure(exc)
 
     async def data(self, message: bytes) -> Reply:
         """Send the message and return the upstream's final reply."""
@@ -343,11 +344,7 @@ class SmtpTransaction:
         except BaseException as exc:
             # Cancelled or failed half-way: the upstream's state is unknown.
             self._release(clean=False)
-            if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-                return TIMED_OUT
-            if isinstance(exc, aiosmtplib.SMTPException | OSError):
-                return BROKEN
-            raise
+            return _failure(exc)
         self._release(clean=True)
         return reply
 
