@@ -1,0 +1,126 @@
+"""The systems under test: the sink, mailgate (from bench/policies/*.yaml), the naive relay.
+
+Haraka lives in ``bench/haraka.py``. Every system listens on 127.0.0.1 on a
+port of its own and delivers into the one sink.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.procs import Proc, free_port, wait_banner
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = Path(__file__).resolve().parent / "policies"
+
+
+@dataclass
+class System:
+    """One thing the load is sent to."""
+
+    key: str
+    label: str
+    port: int
+    proc: Proc | None = None
+    """None for the direct run (the load goes straight to the sink)."""
+    processes: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def start_sink(scratch: Path) -> tuple[Proc, int]:
+    """Start the sink; return it and its port."""
+    port = free_port()
+    proc = Proc(
+        "sink", [sys.executable, "-m", "bench.sink", str(port)], scratch / "sink.log", cwd=str(REPO)
+    )
+    wait_banner(port, proc)
+    return proc, port
+
+
+def available_plugins() -> set[str]:
+    """Names of the plugins this build of mailgate ships."""
+    from plugins import BUILTIN_PLUGINS
+
+    return {getattr(cls, "name", cls.__name__.lower()) for cls in BUILTIN_PLUGINS}
+
+
+def supports(key: str) -> bool:
+    """True when this build's policy has the top-level key ``key``."""
+    from gateway.policy import Policy
+
+    return key in Policy.model_fields
+
+
+@dataclass
+class ComposedPolicy:
+    """A bench policy made runnable, and what had to be left out of it."""
+
+    path: Path
+    plugins: list[str]
+    dropped: dict[str, str]
+    """Plugin name -> why it is not in the run."""
+
+
+def compose_policy(
+    template: str, out: Path, *, port: int, sink_port: int, dns: str, workers: int
+) -> ComposedPolicy:
+    """Fill in ``bench/policies/TEMPLATE.yaml``; drop plugins this build lacks or rejects."""
+    from gateway.runtime import Runtime
+    from gateway.yamlsource import SourceError
+
+    data: dict[str, Any] = yaml.safe_load((POLICIES / f"{template}.yaml").read_text())
+    data["listen"] = [{"address": f"127.0.0.1:{port}"}]
+    data["upstream"]["url"] = f"smtp://127.0.0.1:{sink_port}"
+    data["dns"] = {"nameservers": [dns]}
+    if workers > 1:
+        data["workers"] = workers
+    if "state" in data and not supports("state"):
+        del data["state"]
+    from gateway.policy import Limits
+
+    for key in [k for k in data.get("limits", {}) if k not in Limits.model_fields]:
+        del data["limits"][key]  # a key this build does not have yet
+    plugins: dict[str, Any] = data.get("plugins") or {}
+    known = available_plugins()
+    dropped = {name: "not in this build" for name in plugins if name not in known}
+    for name in dropped:
+        del plugins[name]
+    for _attempt in range(len(plugins) + 1):
+        out.write_text(yaml.safe_dump(data, sort_keys=False))
+        try:
+            Runtime.load(str(out))
+        except SourceError as exc:
+            bad = {
+                name for name in plugins for message in exc.messages if f"plugins.{name}" in message
+            }
+            if not bad:
+                raise
+            for name in bad:
+                dropped[name] = "its config was refused: " + "; ".join(
+                    m for m in exc.messages if f"plugins.{name}" in m
+                )
+                del plugins[name]
+            continue
+        return ComposedPolicy(out, list(plugins), dropped)
+    raise RuntimeError(f"could not make {template}.yaml valid")
+
+
+def start_mailgate(scratch: Path, key: str, policy: Path, port: int) -> Proc:
+    """Run ``mailgate run -c POLICY`` and wait for its banner."""
+    argv = [sys.executable, "-m", "gateway", "run", "-c", str(policy)]
+    proc = Proc(key, argv, scratch / f"{key}.log", cwd=str(REPO))
+    wait_banner(port, proc)
+    return proc
+
+
+def start_naive(scratch: Path, port: int, sink_port: int) -> Proc:
+    """Run the naive relay and wait for its banner."""
+    argv = [sys.executable, "-m", "bench.naive_relay", str(port), str(sink_port)]
+    proc = Proc("naive", argv, scratch / "naive.log", cwd=str(REPO))
+    wait_banner(port, proc)
+    return proc
