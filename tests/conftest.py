@@ -41,16 +41,32 @@ def dns_server() -> Iterator[LoopbackDnsServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def empty_dns() -> Iterator[LoopbackDnsServer]:
+    """A loopback DNS server with no records: every name is NXDOMAIN."""
+    server = LoopbackDnsServer()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def make_gateway(
-    loop_thread: LoopThread, upstream: RecordingUpstream, tmp_path: Path
+    loop_thread: LoopThread,
+    upstream: RecordingUpstream,
+    empty_dns: LoopbackDnsServer,
+    tmp_path: Path,
 ) -> Iterator[MakeGateway]:
-    """Start gateways from policy dicts; upstream defaults to the recording upstream."""
+    """Start gateways from policy dicts; upstream defaults to the recording upstream.
+
+    DNS defaults to an empty loopback server, so no test ever asks the
+    machine's resolver (whose server is not on loopback).
+    """
     started: list[RunningGateway] = []
 
     def make(**policy: Any) -> RunningGateway:
         policy.setdefault("upstream", upstream.url)
         policy.setdefault("domains", ["example.com"])
+        policy.setdefault("dns", {"nameservers": [empty_dns.address]})
         path = write_policy(tmp_path / f"policy{len(started)}.yaml", policy)
         gw = RunningGateway(loop_thread, path)
         started.append(gw)
