@@ -21,20 +21,11 @@ import pytest
 from gateway.cli import main as mailgate
 from gateway.queue import route_key
 from gateway.queue.delivery import backoff
+from tests.ops_support import wait_until
 from tests.support import MESSAGE, LoopThread, RecordingUpstream
 from tests.upstreams import XclientUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture
@@ -116,6 +107,13 @@ def test_routes_make_one_transaction_per_route(make_gateway, upstream, second, q
 
 def test_backoff_doubles_from_retry_min_up_to_retry_max():
     assert [backoff(n, 300, 3600) for n in range(1, 7)] == [300, 600, 1200, 2400, 3600, 3600]
+
+
+def test_backoff_after_very_many_attempts_stays_at_retry_max():
+    # retry_max 60s over the default 5-day lifetime is ~7200 attempts; 2 ** 1024 used to
+    # overflow a float, so the attempt was never recorded and delivered recipients got it again.
+    assert backoff(1025, 1.0, 60.0) == 60.0
+    assert backoff(10_000, 300.0, 3600.0) == 3600.0
 
 
 def test_route_lookup_order():
@@ -301,6 +299,39 @@ def test_spool_write_failure_gives_4xx(make_gateway, upstream, queue_policy, spo
         (spool / "queue").unlink()
         os.rename(spool / "queue.away", spool / "queue")
     assert upstream.messages == []
+
+
+def test_a_failed_store_leaves_no_envelope_behind(tmp_path, monkeypatch):
+    """Unit test: the folder fsync fails after the envelope's rename (the commit point)."""
+    from gateway.queue import spool as spool_module
+
+    store = spool_module.Spool(str(tmp_path / "spool"))
+    store.prepare()
+
+    def failing_fsync(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", failing_fsync)
+    entry = spool_module.Entry(id=spool_module.new_id(), sender="a@example.net", recipients=["b@x"])
+    with pytest.raises(OSError):
+        store.store(entry, MESSAGE)
+    # The client heard 4xx: an envelope left here would be listed and retried forever,
+    # its .msg gone.
+    assert store.ids() == []
+    assert os.listdir(store.queue_dir) == []
+
+
+def test_a_stray_file_in_the_queue_folder_does_not_stop_the_start(tmp_path):
+    """Unit test: ``prepare`` used to raise ValueError (not a queue id) for ``notes.msg``."""
+    from gateway.queue.spool import Spool
+
+    store = Spool(str(tmp_path / "spool"))
+    store.prepare()
+    stray = Path(store.queue_dir) / "notes.msg"
+    stray.write_text("an operator's file")
+    store.prepare()
+    assert stray.exists()  # not ours: left alone
+    assert store.ids() == []
 
 
 # ------------------------------------------------------------- kill -9 with mail in the queue

@@ -65,7 +65,9 @@ def route_key(routes: Mapping[str, object], recipient: str) -> str:
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
     """Seconds to wait after ``attempts`` failures: ``retry_min`` doubling up to ``retry_max``."""
-    return float(min(retry_min * 2 ** (attempts - 1), retry_max))
+    # The exponent is capped: 2.0 ** 1024 overflows a float, and a short retry_max with the
+    # default lifetime reaches that many attempts.
+    return float(min(retry_min * 2.0 ** min(attempts - 1, 64), retry_max))
 
 
 class QueueUpstream:

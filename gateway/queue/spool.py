@@ -100,7 +100,7 @@ class Spool:
         envs = set(self.ids())
         for name in os.listdir(self.queue_dir):
             queue_id, _, ext = name.partition(".")
-            if ext == "msg" and queue_id not in envs:
+            if ext == "msg" and queue_id not in envs and ID_PATTERN.match(queue_id):
                 with self.lock(queue_id) as locked:
                     if locked and not os.path.exists(self._path(queue_id, "env")):
                         os.unlink(self._path(queue_id, "msg"))
@@ -133,7 +133,9 @@ class Spool:
             self._write_env(entry)
             _fsync_dir(self.queue_dir)
         except BaseException:
-            for path in (tmp, self._path(entry.id, "msg")):
+            # The client hears 4xx, so nothing may stay behind: not even an envelope whose
+            # rename succeeded before the folder fsync failed (it would never be delivered).
+            for path in (self._path(entry.id, "env"), self._path(entry.id, "msg"), tmp):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise
