@@ -59,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 
 from gateway import dryrun
 from gateway.dryrun import DEFAULT_CLIENT_IP, Request, Trace, as_sent, dry_runtime
@@ -73,7 +73,17 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 
 Outcome = Literal["accept", "tempfail", "reject"]
-ZoneField = dict[str, dict[str, str | list[str]] | Literal["servfail", "timeout"]]
+
+
+def _valid_zone(value: dict[str, Any]) -> dict[str, Any]:
+    Zone(value)  # raises ValueError naming the bad record
+    return value
+
+
+ZoneField = Annotated[
+    dict[str, dict[str, str | list[str]] | Literal["servfail", "timeout"]],
+    AfterValidator(_valid_zone),
+]
 
 
 def _listify(value: object) -> object:
@@ -108,12 +118,6 @@ class CaseInput(StrictModel):
         ipaddress.ip_address(value)  # raises ValueError with a clear message
         return value
 
-    @field_validator("dns")
-    @classmethod
-    def _zone(cls, value: ZoneField) -> ZoneField:
-        Zone(value)  # raises ValueError naming the bad record
-        return value
-
 
 class Case(CaseInput):
     """One test case."""
@@ -130,12 +134,6 @@ class CasesFile(StrictModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     dns: ZoneField = Field(default_factory=dict)
     cases: list[dict[str, Any]] = Field(min_length=1)
-
-    @field_validator("dns")
-    @classmethod
-    def _zone(cls, value: ZoneField) -> ZoneField:
-        Zone(value)
-        return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,15 @@ followed within the zone. A name with records of other types answers NODATA,
 any other name NXDOMAIN. The server (UDP, and TCP for long answers, on a free
 loopback port; built on dnspython) is what the dry run's resolver asks, so
 every plugin that uses the shared resolver sees these records and nothing else.
+The test suite's loopback DNS server (``tests/dnsserver.py``) is this server
+too, run in a thread, with records added while it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Literal, cast
 
@@ -56,7 +59,7 @@ def _txt(value: str) -> str:
     )
 
 
-def _rrset(name: dns.name.Name, type_text: str, texts: list[str]) -> dns.rrset.RRset:
+def _rdatas(name: dns.name.Name, type_text: str, texts: list[str]) -> list[dns.rdata.Rdata]:
     try:
         rdtype = dns.rdatatype.from_text(type_text.upper())
     except dns.exception.DNSException:
@@ -72,25 +75,52 @@ def _rrset(name: dns.name.Name, type_text: str, texts: list[str]) -> dns.rrset.R
         except (dns.exception.DNSException, ValueError) as exc:
             raise ValueError(f"{name} {type_text}: bad record {text!r}: {exc}") from None
         rdatas.append(rdata)
-    return dns.rrset.from_rdata_list(name, TTL, rdatas)
+    return rdatas
+
+
+def _name(name: str | dns.name.Name) -> dns.name.Name:
+    return name if isinstance(name, dns.name.Name) else dns.name.from_text(name.rstrip(".") + ".")
 
 
 class Zone:
-    """Parsed records, ready to answer queries."""
+    """Records ready to answer queries; thread-safe, so a test may edit it while it serves."""
 
-    def __init__(self, spec: ZoneSpec) -> None:
+    def __init__(self, spec: ZoneSpec | None = None, ttl: int = TTL) -> None:
+        self.ttl = ttl
         self.records: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self.special: dict[dns.name.Name, str] = {}
-        for raw_name, entry in spec.items():
-            name = dns.name.from_text(raw_name.rstrip(".") + ".")
+        self._lock = threading.Lock()
+        for raw_name, entry in (spec or {}).items():
+            name = _name(raw_name)
             if isinstance(entry, str):
                 if entry not in SPECIAL:
                     raise ValueError(f"{raw_name}: expected records, servfail or timeout")
                 self.special[name] = entry
                 continue
             for type_text, values in entry.items():
-                rrset = _rrset(name, type_text, [values] if isinstance(values, str) else values)
-                self.records.setdefault(name, {})[rrset.rdtype] = rrset
+                texts = [values] if isinstance(values, str) else values
+                for rdata in _rdatas(name, type_text, texts):
+                    self.add(name, rdata)
+
+    def add(self, name: str | dns.name.Name, rdata: dns.rdata.Rdata) -> None:
+        """Serve one more record at ``name``."""
+        name = _name(name)
+        with self._lock:
+            types = self.records.setdefault(name, {})
+            # A new RRset, never one changed in place: an answer being sent may hold the old one.
+            rdatas = [*types.get(rdata.rdtype, ()), rdata]
+            types[rdata.rdtype] = dns.rrset.from_rdata_list(name, self.ttl, rdatas)
+
+    def set_special(self, name: str | dns.name.Name, kind: Literal["servfail", "timeout"]) -> None:
+        """Make ``name`` answer SERVFAIL, or never answer (``timeout``)."""
+        with self._lock:
+            self.special[_name(name)] = kind
+
+    def clear(self) -> None:
+        """Forget every record and special name."""
+        with self._lock:
+            self.records.clear()
+            self.special.clear()
 
     def answer(self, query: dns.message.Message) -> dns.message.Message | None:
         """The response to ``query``, or None to stay silent (a timeout)."""
@@ -100,7 +130,12 @@ class Zone:
             response.set_rcode(dns.rcode.FORMERR)
             return response
         question = query.question[0]
-        name, rdtype = question.name, question.rdtype
+        with self._lock:
+            return self._answer(response, question.name, question.rdtype)
+
+    def _answer(
+        self, response: dns.message.Message, name: dns.name.Name, rdtype: int
+    ) -> dns.message.Message | None:
         for _hop in range(8):
             special = self.special.get(name)
             if special == "timeout":
@@ -111,6 +146,9 @@ class Zone:
             types = self.records.get(name)
             if types is None:
                 response.set_rcode(dns.rcode.NXDOMAIN)
+                return response
+            if rdtype == dns.rdatatype.ANY:
+                response.answer.extend(types.values())
                 return response
             if rdtype in types:
                 response.answer.append(types[rdtype])

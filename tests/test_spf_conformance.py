@@ -19,15 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.name
+import dns.rdatatype
 import pytest
 import yaml
-from dnslib import QTYPE, DNSError, DNSLabel, DNSRecord
 
 from gateway.dns import Resolver
 from gateway.dnsadapters import install_spf_lookup
 from gateway.policy import Dns
 from plugins.spf import check_spf
-from tests.dnsserver import LoopbackDnsServer, ZoneResolver
+from tests.dnsserver import LoopbackDnsServer, RecordingZone
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "spf" / "rfc7208-tests.yml"
 DEFAULT_EXPLANATION = "SPF fail - not authorized"
@@ -58,19 +60,20 @@ def _cases() -> Iterator[Any]:
             yield pytest.param(scenario, test, id=name, marks=marks)
 
 
-class _SuiteZone(ZoneResolver):
-    """ZoneResolver plus the suite's per-type TIMEOUT."""
+class _SuiteZone(RecordingZone):
+    """The test zone plus the suite's per-type TIMEOUT: name -> the types still answered."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.typed_timeouts: dict[str, set[str]] = {}
+        self.typed_timeouts: dict[dns.name.Name, set[str]] = {}
 
-    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
-        key = str(request.q.qname).lower().rstrip(".") + "."
-        answered = self.typed_timeouts.get(key)
-        if answered is not None and QTYPE[request.q.qtype] not in answered:
-            raise DNSError("simulated timeout")  # the handler then sends nothing
-        return super().resolve(request, handler)
+    def answer(self, query: dns.message.Message) -> dns.message.Message | None:
+        if query.question:
+            question = query.question[0]
+            answered = self.typed_timeouts.get(question.name)
+            if answered is not None and dns.rdatatype.to_text(question.rdtype) not in answered:
+                return None  # never answers
+        return super().answer(query)
 
 
 def _raw(value: Any) -> Any:
@@ -82,9 +85,9 @@ def _raw(value: Any) -> Any:
     return value
 
 
-def _load_zone(dns: LoopbackDnsServer, zone: _SuiteZone, zonedata: dict[str, list[Any]]) -> None:
+def _load_zone(server: LoopbackDnsServer, zone: _SuiteZone, zonedata: dict[str, list[Any]]) -> None:
     for raw_name, entries in zonedata.items():
-        name = str(DNSLabel(raw_name.encode("latin-1")))  # as dnslib spells a query's name
+        name = dns.name.from_text(raw_name.encode("latin-1"))  # the raw bytes, no IDNA
         records: list[tuple[str, Any]] = []
         timeout_after: set[str] | None = None
         for entry in entries:
@@ -102,23 +105,21 @@ def _load_zone(dns: LoopbackDnsServer, zone: _SuiteZone, zonedata: dict[str, lis
                 if isinstance(value, list) and not value:
                     continue  # a TXT record with no strings cannot be encoded; pyspf skips it
                 if rtype == "SPF" and not has_txt:
-                    dns.add(name, "TXT", value)
+                    server.add(name, "TXT", value)
             elif rtype == "MX":
                 value = (value[0], value[1])
-            dns.add(name, rtype, value)
+            server.add(name, rtype, value)
         if timeout_after is not None:
             served = set(timeout_after)
             if "SPF" in served and not has_txt:
                 served.add("TXT")
-            zone.typed_timeouts[name.lower().rstrip(".") + "."] = served
+            zone.typed_timeouts[name] = served
 
 
 @pytest.fixture(scope="module")
 def suite_server() -> Iterator[tuple[LoopbackDnsServer, _SuiteZone]]:
-    server = LoopbackDnsServer()
     zone = _SuiteZone()
-    server._server.server.resolver = zone  # the same server, with the suite's TIMEOUT semantics
-    server.resolver = zone
+    server = LoopbackDnsServer(zone)
     yield server, zone
     server.stop()
 
