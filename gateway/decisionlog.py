@@ -85,6 +85,8 @@ def log_transaction(
     ``outcome`` is delivered (2xx at DATA), rejected (5xx), tempfailed (4xx) or
     aborted (no final reply: reset, disconnect); ``stage`` says where it ended.
     """
+    if not log.isEnabledFor(logging.INFO):
+        return  # a level above info: the line would be built only to be dropped
     fields: list[tuple[str, object]] = [
         ("txn", envelope.id),
         ("client", session.client_ip),
@@ -110,6 +112,8 @@ def log_transaction(
 
 def log_connection(session: Session, *, outcome: str, reply: Reply | None = None) -> None:
     """Write the decision line for a connection refused before any transaction."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields: list[tuple[str, object]] = [
         ("session", session.id),
         ("client", session.client_ip),

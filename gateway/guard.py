@@ -107,6 +107,7 @@ class GuardedSMTP(SMTP):
         self._session_deadline = math.inf
         self._data_deadline: float | None = None
         self._awaiting_data_reply = False
+        self._held: list[str] = []  # the first lines of a multi-line reply, not yet sent
 
     @property
     def _finished(self) -> bool:
@@ -223,12 +224,23 @@ class GuardedSMTP(SMTP):
             return  # a pipelined command after our 421: nothing more is said
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         text = _rewrite(text)
+        last = text.rpartition("\n")[2]
+        if last[3:4] == "-" and isinstance(status, str):
+            # aiosmtpd pushes EHLO's reply a line at a time: send the lines in one write.
+            self._held.append(text)
+            return
         if not self._greeted and text.startswith("220 "):
             self._greeted = True
             if await self._before_greeting():
                 return
-        await super().push(text if isinstance(status, str) else status)
-        last = text.rpartition("\n")[2]
+        held: list[str] = self._held
+        self._held = []
+        if isinstance(status, str):
+            await super().push("\r\n".join([*held, text]))
+        else:
+            if held:
+                await super().push("\r\n".join(held))
+            await super().push(status)
         if last[3:4] == "-":
             return  # more lines of this reply follow
         code = last[:3]
