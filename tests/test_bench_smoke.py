@@ -72,7 +72,7 @@ def test_mailgate_and_naive_relay_versus_direct_in_a_tiny_run(sink, tmp_path):
             assert run.rate is not None and run.rate > 0
             if system.proc is not None:
                 assert run.cpu_ms is not None and run.cpu_ms > 0
-        assert policy.plugins == [] and policy.dropped == {}
+        assert policy.plugins == ["helo", "headers"] and policy.dropped == {}
     finally:
         naive.stop()
         gateway.stop()
