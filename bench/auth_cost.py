@@ -31,8 +31,9 @@ from pathlib import Path
 
 import yaml
 
+from bench.driver import sink_count
 from bench.procs import Proc, free_port, wait_banner
-from bench.ratelimit_cost import Client, _sink_count
+from bench.ratelimit_cost import Client
 from tests.authsupport import make_message, publish, rsa_key, sign
 from tests.dnsserver import LoopbackDnsServer
 
@@ -151,7 +152,7 @@ def main() -> int:
                     cpu.setdefault((size, name), []).append(ms)
                     rate.setdefault((size, name), []).append(per_s)
                     sent += args.messages // args.clients * args.clients
-        delivered = _sink_count(sink_port)
+        delivered = sink_count(sink_port).unique
         if delivered != sent:
             print(f"sink got {delivered} distinct messages, {sent} were sent", file=sys.stderr)
             return 1

@@ -27,7 +27,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.driver import sink_command
-from bench.procs import free_port
+from bench.driver import sink_count
+from bench.procs import free_port, start_gateway_process, start_sink_process
 from bench.ratelimit_cost import measure
 from gateway.context import Envelope, Session, VerdictRecord
 from gateway.metrics import Metrics
@@ -135,50 +134,24 @@ def dry_runs() -> tuple[int, float]:
     return report["passed"] + report["failed"], elapsed
 
 
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
 def end_to_end(messages: int, clients: int, rounds: int) -> dict[str, list[float]]:
     """Messages per second without and with ``metrics:``, per round."""
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            sink = subprocess.Popen(
-                [sys.executable, "-m", "bench.sink", "0"], cwd=ROOT, stdout=subprocess.PIPE
-            )
+            sink, sink_port = start_sink_process()
             procs.append(sink)
-            assert sink.stdout is not None
-            sink_port = int(sink.stdout.readline().split()[1])
             ports = {}
             for name, extra in (("no metrics", {}), ("metrics", {"metrics": "127.0.0.1:0"})):
-                port = free_port()
                 policy = {
                     "hostname": "bench.test",
-                    "listen": [{"address": f"127.0.0.1:{port}"}],
                     "upstream": f"smtp://127.0.0.1:{sink_port}",
                     "domains": ["example.com"],
                     "log": {"level": "warning"},
                     **extra,
                 }
-                path = Path(tmp) / f"{name.replace(' ', '_')}.yaml"
-                path.write_text(yaml.safe_dump(policy))
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-                        cwd=ROOT,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-                _wait_port(port)
+                proc, port = start_gateway_process(Path(tmp), name.replace(" ", "_"), policy)
+                procs.append(proc)
                 ports[name] = port
             sent = 0
             for port in ports.values():  # warm-up: imports, the upstream pool
@@ -189,7 +162,7 @@ def end_to_end(messages: int, clients: int, rounds: int) -> dict[str, list[float
                 for name, port in ports.items():
                     rates[name].append(measure(port, messages, clients, f"r{round_}.{port}"))
                     sent += messages // clients * clients
-            delivered = int(sink_command(sink_port, "XSTAT").split("unique=")[1].split()[0])
+            delivered = sink_count(sink_port).unique
             if delivered != sent:
                 raise RuntimeError(f"sink got {delivered} distinct messages, {sent} were sent")
             return rates

@@ -14,10 +14,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import yaml
+
 _TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -179,3 +183,41 @@ def wait_banner(port: int, proc: Proc | None = None, timeout: float = 30.0) -> N
         time.sleep(0.1)
     tail = proc.log_tail() if proc else ""
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port} ({last})\n{tail}")
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``; raise if nothing does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start_sink_process() -> tuple[subprocess.Popen[bytes], int]:
+    """``bench.sink`` on a free port, and that port (it prints ``listening PORT``)."""
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "0"], cwd=ROOT, stdout=subprocess.PIPE
+    )
+    assert sink.stdout is not None
+    return sink, int(sink.stdout.readline().split()[1])
+
+
+def start_gateway_process(
+    workdir: Path, name: str, policy: dict[str, object]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``mailgate run`` with ``policy`` (its ``listen`` set to a free port), once it listens."""
+    port = free_port()
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**policy, "listen": [{"address": f"127.0.0.1:{port}"}]}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc, port

@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from bench.procs import free_port
-from bench.ratelimit_cost import _sink_count, _wait_port, measure
+from bench.driver import sink_count
+from bench.procs import start_gateway_process, start_sink_process
+from bench.ratelimit_cost import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,10 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _gateway(
     workdir: Path, name: str, sink: int, queue: bool
 ) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
     policy: dict[str, object] = {
         "hostname": "bench.test",
-        "listen": [{"address": f"127.0.0.1:{port}"}],
         "upstream": f"smtp://127.0.0.1:{sink}",
         "domains": ["example.com"],
         "log": {"level": "warning"},
@@ -46,22 +43,13 @@ def _gateway(
     if queue:
         policy["delivery"] = "queue"
         policy["queue"] = {"directory": str(workdir / "spool"), "concurrency": 8}
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port)
-    return proc, port
+    return start_gateway_process(workdir, name, policy)
 
 
 def _drained(sink: int, expected: int, timeout: float = 300) -> float:
     """Seconds until the sink has ``expected`` distinct messages."""
     started = time.perf_counter()
-    while _sink_count(sink) < expected:
+    while sink_count(sink).unique < expected:
         if time.perf_counter() - started > timeout:
             raise RuntimeError("the queue did not drain")
         time.sleep(0.02)
@@ -78,12 +66,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-queuebench-", dir=args.spool_dir))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sink = subprocess.Popen(
-            [sys.executable, "-m", "bench.sink", "0"], cwd=ROOT, stdout=subprocess.PIPE
-        )
+        sink, sink_port = start_sink_process()
         procs.append(sink)
-        assert sink.stdout is not None
-        sink_port = int(sink.stdout.readline().split()[1])
         gateways = {}
         for name in ("inline", "queue"):
             proc, port = _gateway(workdir, name, sink_port, queue=name == "queue")
@@ -110,7 +94,7 @@ def main() -> int:
             print(f"  {name:7} 250s/s median {statistics.median(rates):6.0f}  ({shown})")
         shown = " / ".join(f"{r:.0f}" for r in end_to_end)
         print(f"  queue   delivered/s median {statistics.median(end_to_end):6.0f}  ({shown})")
-        delivered = _sink_count(sink_port)
+        delivered = sink_count(sink_port).unique
         print(f"  sink: {delivered} distinct messages, {sent} sent")
         return 0 if delivered == sent else 1
     finally:

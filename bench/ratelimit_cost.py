@@ -28,24 +28,12 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
-from bench.procs import free_port
+from bench.driver import sink_count
+from bench.procs import free_port, start_gateway_process, start_sink_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: bench\r\n\r\nhello\r\n"
 RUN_TIMEOUT = 300.0
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 class Client:
@@ -108,23 +96,12 @@ def measure(port: int, messages: int, clients: int, tag: str) -> float:
     return per_client * clients / elapsed
 
 
-def _sink_count(port: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        file = sock.makefile("rb")
-        file.readline()
-        sock.sendall(b"XSTAT\r\n")
-        reply = file.readline().decode()
-    fields = dict(part.split("=") for part in reply.split()[1:])
-    return int(fields["unique"])
-
-
 def run_gateway(
     workdir: Path, name: str, sink: int, state: str, rule: bool
 ) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    """A gateway relaying to ``sink`` with ``state``, with or without one ratelimit rule."""
     policy: dict[str, object] = {
         "hostname": "bench.test",
-        "listen": [{"address": f"127.0.0.1:{port}"}],
         "upstream": f"smtp://127.0.0.1:{sink}",
         "domains": ["example.com"],
         "state": state,
@@ -133,16 +110,7 @@ def run_gateway(
         if rule
         else {},
     }
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port)
-    return proc, port
+    return start_gateway_process(workdir, name, policy)
 
 
 def main() -> int:
@@ -158,12 +126,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-rlbench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sink = subprocess.Popen(
-            [sys.executable, "-m", "bench.sink", "0"], cwd=ROOT, stdout=subprocess.PIPE
-        )
+        sink, sink_port = start_sink_process()
         procs.append(sink)
-        assert sink.stdout is not None
-        sink_port = int(sink.stdout.readline().split()[1])
         redis_port = free_port()
         procs.append(
             subprocess.Popen(
@@ -172,7 +136,7 @@ def main() -> int:
                 stdout=subprocess.DEVNULL,
             )
         )  # fmt: skip
-        _wait_port(redis_port)
+        wait_port(redis_port)
         configs = {
             "no rule": ("memory", False),
             "memory": ("memory", True),
@@ -192,7 +156,7 @@ def main() -> int:
                 tag = f"r{round_}.{name.replace(' ', '_')}"
                 rates[name].append(measure(port, args.messages, args.clients, tag))
                 sent += args.messages // args.clients * args.clients
-        delivered = _sink_count(sink_port)
+        delivered = sink_count(sink_port).unique
         if delivered != sent:
             print(f"sink got {delivered} distinct messages, {sent} were sent", file=sys.stderr)
             return 1
