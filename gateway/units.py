@@ -72,11 +72,6 @@ class Rate:
     count: int
     period: float
 
-    @property
-    def per_second(self) -> float:
-        """The sustained rate in events per second."""
-        return self.count / self.period
-
     def __str__(self) -> str:
         return f"{self.count}/{self.period:g}s"
 

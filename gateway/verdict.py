@@ -119,11 +119,6 @@ class Verdict:
             strip=tuple(strip),
         )
 
-    @property
-    def ends_stage(self) -> bool:
-        """True for accept, reject and tempfail."""
-        return self.action is not Action.TAG
-
     def reply(self) -> Reply | None:
         """The SMTP reply this verdict gives, or None for accept and tag."""
         if self.action in (Action.REJECT, Action.TEMPFAIL):
