@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from typing import Protocol
 
 from aiosmtpd.proxy_protocol import get_proxy
 
@@ -30,6 +31,19 @@ from gateway.policy import Listener
 from gateway.verdict import Reply
 
 UNTRUSTED = Reply(554, "Connection refused: not a trusted proxy", "5.7.1")
+
+
+class ByteReader(Protocol):
+    """The reads the PROXY header parser makes (``asyncio.StreamReader`` has them)."""
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes."""
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Up to and including ``separator``."""
+
+    async def read(self, n: int = -1) -> bytes:
+        """At least one and at most ``n`` bytes."""
 
 
 class ProxyRefused(Exception):
@@ -49,7 +63,7 @@ def peer_ip(peer: tuple[str, int]) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
 
 
 async def real_client(
-    reader: asyncio.StreamReader, peer: tuple[str, int], listener: Listener
+    reader: ByteReader, peer: tuple[str, int], listener: Listener
 ) -> tuple[str, int]:
     """Read the PROXY header from ``reader``; return the client's (address, port).
 

@@ -1,7 +1,9 @@
 """One client connection: SMTP commands -> stage hooks -> verdict -> relay.
 
-``SmtpSession`` is the aiosmtpd handler for a single connection (the listener
-builds one per accepted socket). Each ``handle_*`` method runs the stage's
+``SmtpSession`` holds the state of a single connection (the listener builds one
+per accepted socket, beside its ``gateway.smtpserver.SmtpServer``). The
+server calls one method per command that passed its syntax and state checks
+(:meth:`SmtpSession.helo`, :meth:`~SmtpSession.mail`, ...); each runs the stage's
 hooks through the runtime's stage runner; when the stage lets the command
 through, the command is forwarded upstream in lockstep and the upstream's
 reply is the client's reply. Every transaction ends in exactly one decision
@@ -16,7 +18,6 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
 
 from gateway.context import Envelope, Message, Scorecard, Session, VerdictRecord
 from gateway.decisionlog import log_connection, log_transaction
@@ -70,7 +71,7 @@ def _header_line(name: str, value: str) -> bytes:
 
 
 class SmtpSession:
-    """The aiosmtpd handler for one connection, holding that connection's state."""
+    """One connection's state, and what each SMTP command does to it."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -113,17 +114,17 @@ class SmtpSession:
             finally:
                 self.rt.session_closed(self)
 
-    def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
+    def tls_started(self) -> None:
         """The TLS handshake after STARTTLS succeeded: the client must greet again."""
         self._finish("reset", None, abort_upstream=True)  # RFC 3207: back to the start
         if self.session is not None:
             self.session.tls = True
             self.session.helo = None
-        return True
 
     # ---------------------------------------------------------------- greeting
 
-    async def _greet(self, hostname: str, esmtp: bool) -> Reply | None:
+    async def helo(self, hostname: str, esmtp: bool) -> Reply | None:
+        """HELO or EHLO: run on_helo; return a reply to refuse the greeting."""
         assert self.session is not None
         await self._reset()
         self.session.helo = hostname
@@ -135,41 +136,23 @@ class SmtpSession:
             log_connection(self.session, outcome="helo refused", reply=outcome.reply)
         return outcome.reply
 
-    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
-        """HELO: run on_helo; aiosmtpd needs ``host_name`` set for MAIL to be allowed."""
-        reply = await self._greet(hostname, esmtp=False)
-        if reply is not None:
-            return reply.render()
-        session.host_name = hostname
-        return f"250 {self.rt.policy.hostname}"
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        """EHLO: run on_helo and advertise our extensions (never AUTH on a relay port)."""
-        reply = await self._greet(hostname, esmtp=True)
-        if reply is not None:
-            return [reply.render()]
-        session.host_name = hostname
-        return [line for line in responses if not line[4:].startswith("AUTH")]
-
     # ---------------------------------------------------------------- transaction
 
-    async def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
-    ) -> str:
-        """MAIL FROM: run on_mail, then open the upstream transaction and relay its reply."""
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        """MAIL FROM: run on_mail, then open the upstream transaction and relay its reply.
+
+        ``sender`` is ``""`` for the null reverse-path; ``options`` are the
+        upper-cased ESMTP parameters.
+        """
         assert self.session is not None
         await self._reset()
         self.session.transactions += 1
-        # aiosmtpd hands over the null reverse-path as "<>"; hooks and the relay get "".
-        sender = "" if address == "<>" else address
         inherited = Scorecard(self.session.card.score, list(self.session.card.headers))
         env = Envelope(
             id=f"{self.session.id}.{self.session.transactions}",
             sender=sender,
-            mail_options=list(mail_options),
-            smtputf8="SMTPUTF8" in mail_options,
+            mail_options=list(options),
+            smtputf8="SMTPUTF8" in options,
             card=inherited,
         )
         self.txn = txn = _Transaction(env)
@@ -178,54 +161,49 @@ class SmtpSession:
         )
         if outcome.reply is not None:
             self._finish("mail", outcome.reply)
-            return outcome.reply.render()
+            return outcome.reply
         txn.upstream = ObservedTransaction(
             self.rt.upstream.begin(ClientIdentity.of(self.session)), self.rt.observers
         )
-        options = [o for o in mail_options if o in _FORWARDED_MAIL_OPTIONS]
-        reply = await txn.upstream.mail(sender, options)
+        forwarded = [o for o in options if o in _FORWARDED_MAIL_OPTIONS]
+        reply = await txn.upstream.mail(sender, forwarded)
         if not reply.positive:
             txn.upstream = None  # the relay has already released the connection
             self._finish("mail", reply, upstream=reply)
-            return reply.render()
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return reply.render()
+        return reply
 
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
         """RCPT TO: run on_rcpt, then forward it and relay the upstream's reply."""
         assert self.session is not None and self.txn is not None
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
         assert upstream is not None
         if len(env.recipients) >= self.rt.policy.limits.recipients:
-            txn.rejected.append((address, TOO_MANY_RECIPIENTS))
-            return TOO_MANY_RECIPIENTS.render()
+            txn.rejected.append((recipient, TOO_MANY_RECIPIENTS))
+            return TOO_MANY_RECIPIENTS
         outcome = await self.rt.runner.run_stage(
-            "on_rcpt", env.card, env.id, session=self.session, envelope=env, recipient=address
+            "on_rcpt", env.card, env.id, session=self.session, envelope=env, recipient=recipient
         )
-        reply = outcome.reply or await upstream.rcpt(address)
+        reply = outcome.reply or await upstream.rcpt(recipient)
         if reply.positive:
-            env.recipients.append(address)
-            envelope.rcpt_tos.append(address)
+            env.recipients.append(recipient)
         else:
-            txn.rejected.append((address, reply))
-        return reply.render()
+            txn.rejected.append((recipient, reply))
+        return reply
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        """End of DATA: run on_data and scoring, then relay and return the upstream's reply."""
+    async def data(self, raw: bytes) -> Reply:
+        """End of DATA: run on_data and scoring, then relay and return the upstream's reply.
+
+        ``raw`` is the message as received, dot-unstuffed.
+        """
         assert self.session is not None and self.txn is not None
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
         assert upstream is not None
-        raw: bytes = envelope.original_content
         # Bare CR/LF and NUL are settled before any plugin sees the bytes (gateway.lineendings).
         screened = screen(raw, self.rt.policy.protocol.line_endings_for(self.session.client_ip))
         env.card.verdicts.extend(screened.records)
         if screened.reply is not None:
-            self._finish("data", screened.reply, size=len(raw))
-            await upstream.reset()
-            return screened.reply.render()
+            await self.refuse_data(screened.reply, len(raw))
+            return screened.reply
         raw = screened.data
         message = Message(raw)
         try:
@@ -234,9 +212,8 @@ class SmtpSession:
             )
             reply = outcome.reply or self._apply_scoring(env)
             if reply is not None:
-                self._finish("data", reply, size=len(raw))
-                await upstream.reset()
-                return reply.render()
+                await self.refuse_data(reply, len(raw))
+                return reply
             relayed = strip_headers(raw, env.card.strip)
             upstream_reply = await upstream.data(self._added_headers(env) + relayed)
         except BaseException:
@@ -248,24 +225,25 @@ class SmtpSession:
             await self.rt.runner.run_event(
                 "on_delivered", session=self.session, envelope=env, reply=upstream_reply
             )
-        return upstream_reply.render()
+        return upstream_reply
 
-    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
-        """RSET: abandon the transaction here and upstream."""
+    async def refuse_data(self, reply: Reply, size: int | None = None) -> None:
+        """The message is refused with ``reply``: log the transaction, RSET the upstream."""
+        upstream = self.txn.upstream if self.txn is not None else None
+        self._finish("data", reply, size=size)
+        if upstream is not None:
+            await upstream.reset()
+
+    async def rset(self) -> None:
+        """RSET or QUIT: abandon any open transaction here and upstream."""
         await self._reset()
-        return "250 2.0.0 Ok"
 
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
-        """QUIT: abandon any open transaction and say goodbye."""
-        await self._reset()
-        return "221 2.0.0 Bye"
-
-    async def handle_exception(self, error: Exception) -> str:
+    async def internal_error(self, error: Exception) -> Reply:
         """An unexpected error in our code: log it, drop the upstream, answer 451 (not 500)."""
         txn_id = self.txn.envelope.id if self.txn else (self.session.id if self.session else "-")
         log.error("internal error: txn=%s", txn_id, exc_info=error)
         self._finish("error", INTERNAL_ERROR, abort_upstream=True)
-        return INTERNAL_ERROR.render()
+        return INTERNAL_ERROR
 
     # ---------------------------------------------------------------- helpers
 

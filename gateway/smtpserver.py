@@ -1,0 +1,801 @@
+"""The server side of one SMTP connection: read commands, enforce the protocol limits, reply.
+
+``SmtpServer`` is an asyncio protocol. It keeps the bytes the client sent in
+one buffer, takes command lines and the DATA block out of it, checks each
+command's syntax and state (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
+SMTPUTF8 and STARTTLS) and hands what passes to the connection's
+:class:`~gateway.session.SmtpSession`, which runs the hooks and the relay. Every
+reply carries an RFC 3463 enhanced status code.
+
+The limits a public MX needs, and the reply each gives (``docs/protocol.md``
+explains the choices):
+
+- **Connections**: ``limits.connections`` open at once (checked at accept,
+  before anything runs) and ``limits.connections_per_ip`` per client address
+  (checked before the greeting, once a PROXY header has named the real
+  client; trusted networks are exempt): ``421 4.7.0`` and disconnect.
+- **Early talker**: with ``protocol.early_talker`` on, a client that sends
+  anything before the greeting (after ``protocol.greet_delay``, during which a
+  ``220-`` first line is sent, as postscreen does) gets ``554 5.5.1`` and is
+  disconnected; in ``monitor`` mode it is only logged. Trusted clients are exempt.
+- **Timeouts**: while the gateway waits for the client, one timer runs: the
+  smallest of ``limits.idle_timeout`` (one whole command line, so a client
+  trickling bytes is cut off; in DATA, the time between two chunks),
+  ``limits.data_timeout`` (354 to the final dot) and ``limits.session_timeout``.
+  It is stopped while the gateway works on a command (hooks, the upstream
+  commit), so no timeout ever cancels an upstream commit half-way. On expiry:
+  ``421 4.4.2`` and disconnect.
+- **Error budget**: every 4xx/5xx reply counts, and so does every NOOP, RSET
+  or VRFY past ``limits.junk_commands``; at ``limits.errors`` the client gets
+  ``421 4.7.0`` and is disconnected, without another pipelined command being
+  run. A delivered message resets both counts. The fifth unknown command
+  also ends the session (``421 4.7.0``).
+- **Commands**: a NUL byte in a command line gets ``501 5.5.2``; command lines
+  are limited to 512 octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to
+  MAIL, per RFC 1870/6531).
+- **DATA**: only ``CRLF.CRLF`` ends it; lines up to ``limits.line_length``
+  octets, the message up to ``limits.message_size``; past either, the rest of
+  the message is read and dropped and the client gets ``500 5.5.2`` or
+  ``552 5.3.4`` after the final dot.
+- **STARTTLS**: whatever the client pipelined after the command is dropped
+  (the STARTTLS injection defence); with ``require_starttls`` only EHLO, NOOP,
+  STARTTLS and QUIT are taken before TLS.
+
+A client that half-closes its side after the final dot still gets its
+message relayed and the reply written: end of input only ends the command loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from gateway.admission import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, ConnectionCounter
+from gateway.context import IPAddress, VerdictRecord
+from gateway.decisionlog import format_fields, log_connection
+from gateway.policy import Listener, Policy
+from gateway.proxyproto import ProxyRefused, peer_ip, real_client
+from gateway.session import SmtpSession
+from gateway.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
+from gateway.verdict import Reply
+
+log = logging.getLogger("mailgate.smtp")
+# Connections refused before a session exists get their decision line here.
+decision_log = logging.getLogger("mailgate.decision")
+
+EARLY_TALKER = Reply(554, "Protocol error: you talked before the greeting", "5.5.1")
+TOO_MANY_ERRORS = Reply(421, "Too many errors, closing connection", "4.7.0")
+TOO_MANY_UNKNOWN = Reply(421, "Too many unrecognized commands, closing connection", "4.7.0")
+NUL_IN_COMMAND = Reply(501, "Syntax error: NUL byte in command", "5.5.2")
+SYNTAX_ERROR = Reply(500, "Syntax error", "5.5.2")
+LINE_TOO_LONG = Reply(500, "Line too long", "5.5.2")
+COMMAND_TOO_LONG = Reply(500, "Command line too long", "5.5.2")
+UNKNOWN_COMMAND = Reply(500, "Command unrecognized", "5.5.1")
+MESSAGE_TOO_BIG = Reply(552, "Message too big", "5.3.4")
+NEED_HELO = Reply(503, "Send HELO/EHLO first", "5.5.1")
+NEED_MAIL = Reply(503, "Need MAIL command", "5.5.1")
+NEED_RCPT = Reply(503, "Need RCPT command", "5.5.1")
+NESTED_MAIL = Reply(503, "Nested MAIL command", "5.5.1")
+MALFORMED_ADDRESS = Reply(553, "Malformed address", "5.1.3")
+NEED_STARTTLS = Reply(530, "Must issue a STARTTLS command first", "5.7.0")
+TLS_UNAVAILABLE = Reply(454, "TLS not available", "4.7.0")
+READY_FOR_TLS = Reply(220, "Ready to start TLS", "2.0.0")
+START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
+OK = Reply(250, "Ok", "2.0.0")
+BYE = Reply(221, "Bye", "2.0.0")
+CANNOT_VRFY = Reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.2")
+BAD_VRFY = Reply(502, "Could not VRFY that address", "5.5.4")
+NO_EXPN = Reply(502, "EXPN not implemented", "5.5.1")
+BAD_BODY = Reply(501, "BODY must be 7BIT or 8BITMIME", "5.5.4")
+BAD_SMTPUTF8 = Reply(501, "SMTPUTF8 takes no arguments", "5.5.4")
+MAIL_PARAMETERS = Reply(555, "MAIL FROM parameters not recognized", "5.5.4")
+RCPT_PARAMETERS = Reply(555, "RCPT TO parameters not recognized", "5.5.4")
+
+COMMAND_LIMIT = 512
+"""Octets in a command line without its CRLF (RFC 5321 §4.5.3.1.4)."""
+MAIL_EXTENSIONS = 26 + 10
+"""What SIZE (RFC 1870) and SMTPUTF8 (RFC 6531) add to MAIL's limit in an EHLO session."""
+UNKNOWN_LIMIT = 5
+_OVERLONG = 4096  # a command line past this is dropped as it arrives
+_PAUSE_AT = 256 * 1024  # pipelined command bytes held before we stop reading
+_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+_JUNK = frozenset({"NOOP", "RSET", "VRFY"})
+
+
+def _syntax(usage: str) -> Reply:
+    return Reply(501, f"Syntax: {usage}", "5.5.4")
+
+
+def longest_line_over(data: bytes, limit: int) -> bool:
+    """True when a CRLF-ended line of ``data`` (CRLF included) is longer than ``limit``."""
+    start, size = 0, len(data)
+    while size - start > limit:
+        # The last line end that keeps the line from ``start`` within the limit.
+        end = data.rfind(b"\r\n", start, start + limit)
+        if end < 0:
+            return True
+        start = end + 2
+    return False
+
+
+def unstuff(data: bytes) -> bytes:
+    """Remove the dot that starts a line (RFC 5321 §4.5.2 transparency)."""
+    if data[:1] == b".":
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n")
+
+
+class SmtpServer(asyncio.Protocol):
+    """One client connection, from accept to close."""
+
+    def __init__(
+        self,
+        session: SmtpSession,
+        listener: Listener,
+        policy: Policy,
+        *,
+        counter: ConnectionCounter | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.session = session
+        self.listener = listener
+        self.policy = policy
+        self.limits = policy.limits
+        self.hostname = policy.hostname
+        self.counter = counter if counter is not None else ConnectionCounter()
+        self.tls_context = tls_context
+        """Offered with STARTTLS; None on an implicit-TLS listener or without certificates."""
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._state = "new"  # then refused (at accept) or open, closing, closed
+        self._task: asyncio.Task[None] | None = None
+        self._buf = bytearray()
+        self._scan = 0  # self._buf[:self._scan] holds no line end
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._writing_paused: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._overlong = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_data = False
+        self._data_deadline: float | None = None
+        self._accepted_at = 0.0
+        self._session_deadline = math.inf
+        self._claimed: IPAddress | None = None
+        self._tls = False
+        self._helo: str | None = None
+        self._esmtp = False
+        self._mail = False
+        self._rcpts = 0
+        self._errors = 0
+        self._junk = 0
+        self._unknown = 0
+
+    # ------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection (refusing it past ``limits.connections``), then serve it."""
+        transport = cast(asyncio.Transport, transport)
+        if not self.counter.open(self.limits.connections):
+            self._state = "refused"
+            reply = self._own(TOO_MANY_CONNECTIONS)
+            transport.write(f"{reply.render()}\r\n".encode())
+            transport.close()
+            peer = transport.get_extra_info("peername")
+            client = peer[0] if isinstance(peer, tuple) else "-"
+            self._log_refusal(client, "too many connections", reply)
+            return
+        self._state = "open"
+        self.transport = transport
+        self._tls = transport.get_extra_info("ssl_object") is not None
+        self._accepted_at = self.loop.time()
+        self._session_deadline = self._accepted_at + self.limits.session_timeout
+        self._task = self.loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer what the client sent; in DATA, every chunk restarts the idle part of the timer."""
+        self._buf += data
+        if self._in_data:
+            if self._timer is not None:
+                self._arm()
+        elif len(self._buf) > _PAUSE_AT and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        """The client will send no more; what it sent is still served, then we close."""
+        self._eof = True
+        self._wake()
+        return True  # keep our side open for the replies still owed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Give back the connection's slots, stop serving, let the session close out."""
+        if self._state in ("refused", "closed"):
+            return
+        self._state = "closed"
+        self.counter.close()
+        if self._claimed is not None:
+            self.counter.release(self._claimed)
+        self._stop_timer()
+        self._wake()
+        if self._writing_paused is not None and not self._writing_paused.done():
+            self._writing_paused.set_result(None)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        task = self.loop.create_task(self.session.disconnected())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def pause_writing(self) -> None:
+        """The client is not reading its replies: stop taking its commands until it does."""
+        if self._writing_paused is None or self._writing_paused.done():
+            self._writing_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        """The client reads again."""
+        if self._writing_paused is not None and not self._writing_paused.done():
+            self._writing_paused.set_result(None)
+
+    # ------------------------------------------------------------ the connection
+
+    async def _serve(self) -> None:
+        try:
+            if await self._open():
+                while self._state == "open":
+                    line = await self._read_line()
+                    if line is None:
+                        break
+                    await self._command(line)
+        except asyncio.CancelledError:
+            return  # the connection is gone, or timed out while we waited on the client
+        except Exception:
+            log.exception("internal error in the SMTP server")
+        if self._state == "open" and self.transport is not None:
+            self._flush()
+            self._state = "closing"
+            self.transport.close()
+
+    async def _open(self) -> bool:
+        """PROXY header, connect stage, connection limits, early talkers; then the greeting."""
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        if self.listener.proxy_protocol:
+            try:
+                peer = await real_client(_ProxyReader(self), peer, self.listener)
+            except ProxyRefused as exc:
+                log.warning("connection from %s refused: %s", peer[0], exc)
+                if exc.reply is not None:
+                    self._send(exc.reply)
+                self._close()
+                return False
+        refusal = await self.session.connect(peer, tls=self._tls)
+        if refusal is not None:
+            self._send(refusal)
+            self._close()
+            return False
+        if not await self._admit():
+            return False
+        self._send(Reply(220, f"{self.hostname} ESMTP mailgate"))
+        return self._state == "open"
+
+    async def _admit(self) -> bool:
+        """Note our address; per-address limit, greet delay, early talker; False if refused."""
+        session = self.session.session
+        assert session is not None and self.transport is not None
+        local = self.transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            session.local_ip = peer_ip(local)
+        if session.trusted:
+            return True
+        if not self.counter.claim(session.client_ip, self.limits.connections_per_ip):
+            self._shut(TOO_MANY_FROM_YOU, "too many connections from client")
+            return False
+        self._claimed = session.client_ip
+        mode = self.policy.protocol.early_talker
+        if mode == "off":
+            return True
+        wait = self.policy.protocol.greet_delay - (self.loop.time() - self._accepted_at)
+        if wait > 0:
+            self.transport.write(f"220-{self.hostname} ESMTP mailgate\r\n".encode())
+            await asyncio.sleep(wait)
+        if not self._buf:
+            return True
+        # Bytes already buffered are bytes the client sent before our greeting.
+        enforced = mode == "reject"
+        reason = "client sent data before the greeting"
+        session.card.verdicts.append(
+            VerdictRecord("core", "on_connect", "protocol.early_talker", "reject", reason, enforced)
+        )
+        if not enforced:
+            log_connection(session, outcome="early talker (monitor)")
+            return True
+        self._shut(EARLY_TALKER, "early talker")
+        return False
+
+    # ------------------------------------------------------------ input
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        """Send what is owed, then wait for more input from the client."""
+        self._flush()
+        if self._writing_paused is not None:
+            await self._writing_paused
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _read_line(self) -> bytes | None:
+        """The next command line without its line end; None once the client is done.
+
+        A line longer than ``_OVERLONG`` is dropped as it arrives and comes back
+        empty, with ``self._overlong`` set.
+        """
+        armed = False
+        while True:
+            end = self._buf.find(b"\n", self._scan)
+            if end >= 0:
+                line = bytes(self._buf[:end]).rstrip(b"\r")
+                del self._buf[: end + 1]
+                self._scan = 0
+                if armed:
+                    self._stop_timer()
+                return line
+            if len(self._buf) > _OVERLONG:
+                self._overlong = True
+                del self._buf[:]
+            self._scan = len(self._buf)
+            if self._eof or self._state != "open":
+                return None
+            if not armed:
+                self._arm()
+                armed = True
+            await self._wait()
+
+    async def _read_message(self) -> bytes | Reply | None:
+        """The DATA block up to the final dot, unstuffed; a Reply if it broke a limit.
+
+        None when the connection ended first.
+        """
+        limit = self.limits.message_size
+        self._in_data = True
+        self._data_deadline = self.loop.time() + self.limits.data_timeout
+        dropped = 0  # octets read and thrown away past the size limit
+        scan = 0
+        try:
+            while True:
+                buf = self._buf
+                if not dropped and buf[:3] == b".\r\n":
+                    end = 0
+                    break
+                end = buf.find(b"\r\n.\r\n", scan)
+                if end >= 0:
+                    end += 2
+                    break
+                if dropped + len(buf) > limit and len(buf) > 4:
+                    dropped += len(buf) - 4
+                    del buf[:-4]  # keep what may be the start of the final dot
+                scan = max(len(buf) - 4, 0)
+                if self._eof or self._state != "open":
+                    return None
+                if self._timer is None:
+                    self._arm()
+                await self._wait()
+        finally:
+            self._in_data = False
+            self._data_deadline = None
+            self._stop_timer()
+        size = dropped + end
+        data = bytes(buf[:end]) if not dropped else b""
+        del buf[: end + 3]
+        self._scan = 0
+        if size > limit:
+            return MESSAGE_TOO_BIG
+        if len(data) > self.limits.line_length and longest_line_over(data, self.limits.line_length):
+            return LINE_TOO_LONG
+        return unstuff(data)
+
+    # ------------------------------------------------------------ output
+
+    def _send(self, reply: Reply) -> None:
+        """Queue ``reply``; write it now unless another pipelined command is waiting.
+
+        Counts errors: at ``limits.errors`` the connection is closed with 421.
+        """
+        if self._state != "open":
+            return  # a pipelined command after our 421: nothing more is said
+        self._out.append(reply.render().encode("utf-8", "surrogateescape") + b"\r\n")
+        if self._buf.find(b"\n") < 0:
+            self._flush()
+        if reply.code >= 400 and reply.code != 421:
+            self._errors += 1
+        if self._errors >= self.limits.errors:
+            self._shut(TOO_MANY_ERRORS, "too many errors")
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _own(self, reply: Reply) -> Reply:
+        """``reply`` with our hostname first, as RFC 5321 asks of 421 and 554 greetings."""
+        return Reply(reply.code, f"{self.hostname} {reply.text}", reply.status)
+
+    def _close(self) -> None:
+        """Write what is owed and close the connection."""
+        if self._state == "open" and self.transport is not None:
+            self._flush()
+            self._state = "closing"
+            self.transport.close()
+
+    def _shut(self, reply: Reply, outcome: str, *, own: bool = True) -> None:
+        """Send ``reply``, close the connection and stop running commands."""
+        if self._state != "open" or self.transport is None:
+            return
+        reply = self._own(reply) if own else reply
+        self._out.append(f"{reply.render()}\r\n".encode())
+        self._close()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        session = self.session.session
+        if session is not None:
+            log_connection(session, outcome=outcome, reply=reply)
+        else:
+            self._log_refusal("-", outcome, reply)
+
+    @staticmethod
+    def _log_refusal(client: str, outcome: str, reply: Reply) -> None:
+        fields = [("session", "-"), ("client", client), ("outcome", outcome), ("reply", reply)]
+        decision_log.info(format_fields(fields))
+
+    # ------------------------------------------------------------ timers
+
+    def _arm(self) -> None:
+        """Start the timer for a wait on the client, with the nearest limit."""
+        if self._state != "open":
+            return
+        now = self.loop.time()
+        reason, delay = "Timeout waiting for the client", self.limits.idle_timeout
+        if self._data_deadline is not None and self._data_deadline - now < delay:
+            reason, delay = "DATA took too long", self._data_deadline - now
+        if self._session_deadline - now < delay:
+            reason, delay = "Session time limit reached", self._session_deadline - now
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(max(delay, 0.0), self._timed_out, reason)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, reason: str) -> None:
+        self._timer = None
+        self._shut(Reply(421, f"{reason}, closing connection", "4.4.2"), "timeout")
+
+    # ------------------------------------------------------------ commands
+
+    async def _command(self, line: bytes) -> None:
+        """Check one command line against the limits and the state, then run it."""
+        if self._overlong:
+            self._overlong = False
+            self._send(COMMAND_TOO_LONG)
+            return
+        if self.loop.time() >= self._session_deadline:
+            self._timed_out("Session time limit reached")
+            return
+        name_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            name = name_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        if not name:
+            self._send(SYNTAX_ERROR)
+            return
+        limit = COMMAND_LIMIT + (MAIL_EXTENSIONS if name == "MAIL" and self._esmtp else 0)
+        if len(line) > limit:
+            self._send(COMMAND_TOO_LONG)
+            return
+        if (
+            self.listener.require_starttls
+            and self.tls_context is not None
+            and not self._tls
+            and name not in _BEFORE_STARTTLS
+        ):
+            self._send(NEED_STARTTLS)
+            return
+        run = _COMMANDS.get(name)
+        if run is None:
+            self._unknown += 1
+            if self._unknown >= UNKNOWN_LIMIT:
+                self._shut(TOO_MANY_UNKNOWN, "too many unrecognized commands", own=False)
+            else:
+                self._send(UNKNOWN_COMMAND)
+            return
+        if b"\x00" in arg_bytes:
+            self._send(NUL_IN_COMMAND)
+            return
+        if name in _JUNK:
+            self._junk += 1
+            if self._junk > self.limits.junk_commands:
+                self._errors += 1
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape")
+        try:
+            await run(self, arg)
+        except Exception as exc:
+            self._send(await self.session.internal_error(exc))
+
+    def _new_transaction(self) -> None:
+        self._mail = False
+        self._rcpts = 0
+
+    async def _helo_command(self, arg: str) -> None:
+        if not arg:
+            self._send(_syntax("HELO hostname"))
+            return
+        self._new_transaction()
+        refusal = await self.session.helo(arg, esmtp=False)
+        if refusal is not None:
+            self._send(refusal)
+            return
+        self._helo, self._esmtp = arg, False
+        self._send(Reply(250, self.hostname))
+
+    async def _ehlo_command(self, arg: str) -> None:
+        if not arg:
+            self._send(_syntax("EHLO hostname"))
+            return
+        self._new_transaction()
+        refusal = await self.session.helo(arg, esmtp=True)
+        if refusal is not None:
+            self._send(refusal)
+            return
+        self._helo, self._esmtp = arg, True
+        lines = [self.hostname, f"SIZE {self.limits.message_size}", "8BITMIME", "SMTPUTF8"]
+        if self.tls_context is not None and not self._tls:
+            lines.append("STARTTLS")
+        lines += ["PIPELINING", "HELP"]
+        self._send(Reply(250, "\n".join(lines)))
+
+    def _usage(self, usage: str) -> Reply:
+        """The syntax error for MAIL or RCPT, naming parameters in an EHLO session."""
+        return _syntax(usage + (" [SP <mail-parameters>]" if self._esmtp else ""))
+
+    def _path(self, arg: str, keyword: str, usage: str) -> tuple[str, list[str]] | Reply:
+        """The address and upper-cased parameters of MAIL/RCPT, or the reply refusing them."""
+        syntax = self._usage(usage)
+        if arg[: len(keyword)].upper() != keyword:
+            return syntax
+        parsed = parse_path(arg[len(keyword) :].strip())
+        if parsed is None:
+            return MALFORMED_ADDRESS
+        address, rest = parsed
+        if not address or (rest and not self._esmtp):
+            return syntax
+        return address, rest.upper().split()
+
+    async def _mail_command(self, arg: str) -> None:
+        if self._helo is None:
+            self._send(NEED_HELO)
+            return
+        usage = "MAIL FROM:<address>"
+        path = self._path(arg, "FROM:", usage)
+        if isinstance(path, Reply):
+            self._send(path)
+            return
+        if self._mail:
+            self._send(NESTED_MAIL)
+            return
+        address, options = path
+        try:
+            params = parse_parameters(options)
+        except ParameterError:
+            self._send(self._usage(usage))
+            return
+        refusal = self._mail_parameters(params)
+        if refusal is not None:
+            self._send(refusal)
+            return
+        reply = await self.session.mail("" if address == "<>" else address, options)
+        self._mail = reply.positive
+        self._send(reply)
+
+    def _mail_parameters(self, params: dict[str, str | bool]) -> Reply | None:
+        """The reply refusing MAIL's parameters, or None when they are all fine."""
+        if not body_type_ok(params):
+            return BAD_BODY
+        if not isinstance(params.pop("SMTPUTF8", False), bool):
+            return BAD_SMTPUTF8
+        params.pop("BODY", None)
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if isinstance(size, bool) or not size.isdigit():
+                return _syntax("MAIL FROM:<address> [SP <mail-parameters>]")
+            if int(size) > self.limits.message_size:
+                return MESSAGE_TOO_BIG
+        return MAIL_PARAMETERS if params else None
+
+    async def _rcpt_command(self, arg: str) -> None:
+        if self._helo is None:
+            self._send(NEED_HELO)
+            return
+        if not self._mail:
+            self._send(NEED_MAIL)
+            return
+        usage = "RCPT TO:<address>"
+        path = self._path(arg, "TO:", usage)
+        if isinstance(path, Reply):
+            self._send(path)
+            return
+        address, options = path
+        if address == "<>":
+            self._send(_syntax(usage))
+            return
+        try:
+            params = parse_parameters(options)
+        except ParameterError:
+            self._send(self._usage(usage))
+            return
+        if params:
+            self._send(RCPT_PARAMETERS)
+            return
+        reply = await self.session.rcpt(address, options)
+        if reply.positive:
+            self._rcpts += 1
+        self._send(reply)
+
+    async def _data_command(self, arg: str) -> None:
+        if self._helo is None:
+            self._send(NEED_HELO)
+            return
+        if not self._rcpts:
+            self._send(NEED_RCPT)
+            return
+        if arg:
+            self._send(_syntax("DATA"))
+            return
+        self._send(START_DATA)
+        message = await self._read_message()
+        if message is None:
+            return
+        self._new_transaction()
+        if isinstance(message, Reply):
+            await self.session.refuse_data(message)
+            self._send(message)
+            return
+        reply = await self.session.data(message)
+        if reply.positive:
+            self._errors = self._junk = 0  # delivered: a clean slate
+        self._send(reply)
+        self._flush()
+
+    async def _rset_command(self, arg: str) -> None:
+        if arg:
+            self._send(_syntax("RSET"))
+            return
+        self._new_transaction()
+        await self.session.rset()
+        self._send(OK)
+
+    async def _noop_command(self, arg: str) -> None:
+        self._send(OK)
+
+    async def _quit_command(self, arg: str) -> None:
+        if arg:
+            self._send(_syntax("QUIT"))
+            return
+        await self.session.rset()
+        self._send(BYE)
+        self._close()
+
+    async def _vrfy_command(self, arg: str) -> None:
+        if not arg:
+            self._send(_syntax("VRFY <address>"))
+        elif parse_path(arg) is None:
+            self._send(BAD_VRFY)
+        else:
+            self._send(CANNOT_VRFY)
+
+    async def _expn_command(self, arg: str) -> None:
+        self._send(NO_EXPN)
+
+    async def _help_command(self, arg: str) -> None:
+        commands = sorted(_COMMANDS if self.tls_context else set(_COMMANDS) - {"STARTTLS"})
+        self._send(Reply(214, "Supported commands: " + " ".join(commands), "2.0.0"))
+
+    async def _starttls_command(self, arg: str) -> None:
+        if arg:
+            self._send(_syntax("STARTTLS"))
+            return
+        if self.tls_context is None or self._tls or self.transport is None:
+            self._send(TLS_UNAVAILABLE)
+            return
+        self._send(READY_FOR_TLS)
+        self._flush()
+        del self._buf[:]  # RFC 3207 §4.2: nothing sent before TLS may count after it
+        self._scan = 0
+        self._arm()  # the handshake is a wait on the client
+        try:
+            transport = await self.loop.start_tls(
+                self.transport, self, self.tls_context, server_side=True
+            )
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            self._close()
+            return
+        finally:
+            self._stop_timer()
+        if transport is None:
+            self._close()
+            return
+        self.transport = transport
+        self._tls = True
+        self._helo, self._esmtp = None, False  # the client must greet again
+        self._new_transaction()
+        self.session.tls_started()
+
+
+_Command = Callable[[SmtpServer, str], Awaitable[None]]
+_COMMANDS: dict[str, _Command] = {
+    "HELO": SmtpServer._helo_command,
+    "EHLO": SmtpServer._ehlo_command,
+    "MAIL": SmtpServer._mail_command,
+    "RCPT": SmtpServer._rcpt_command,
+    "DATA": SmtpServer._data_command,
+    "RSET": SmtpServer._rset_command,
+    "NOOP": SmtpServer._noop_command,
+    "QUIT": SmtpServer._quit_command,
+    "VRFY": SmtpServer._vrfy_command,
+    "EXPN": SmtpServer._expn_command,
+    "HELP": SmtpServer._help_command,
+    "STARTTLS": SmtpServer._starttls_command,
+}
+
+_background: set[asyncio.Task[None]] = set()
+
+
+class _ProxyReader:
+    """The reads of ``gateway.proxyproto.ByteReader``, served from the connection's buffer."""
+
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+
+    async def _until(self, ready: Callable[[bytearray], int]) -> bytes:
+        server = self.server
+        while (size := ready(server._buf)) < 0:
+            if server._eof or server._state != "open":
+                raise asyncio.IncompleteReadError(bytes(server._buf), None)
+            await server._wait()
+        data = bytes(server._buf[:size])
+        del server._buf[:size]
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes."""
+        return await self._until(lambda buf: n if len(buf) >= n else -1)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Up to and including ``separator``."""
+
+        def ready(buf: bytearray) -> int:
+            end = buf.find(separator)
+            return end + len(separator) if end >= 0 else -1
+
+        return await self._until(ready)
+
+    async def read(self, n: int = -1) -> bytes:
+        """At least one and at most ``n`` bytes."""
+        return await self._until(lambda buf: (len(buf) if n < 0 else min(len(buf), n)) or -1)
