@@ -2,7 +2,7 @@
 
 One :class:`ConnectionCounter` is shared by every listener of a process (the
 ``workers`` of a multi-process gateway count separately). The protocol
-(``gateway.guard``) takes a slot when a connection is accepted and checks the
+(``gateway.smtpserver``) takes a slot when a connection is accepted and checks the
 total there, before anything else runs; it checks the per-address limit just
 before the greeting, once the real client address is known (after a PROXY
 header). Clients in ``trusted_networks`` are exempt from the per-address limit,

@@ -10,7 +10,7 @@ policy's runtime as ``mailgate run`` does, with every plugin and its
   never counts against (or reads) the production counters in Redis.
 
 It then opens a listener on ``127.0.0.1:0`` from the same protocol factory as
-the real listeners (aiosmtpd's SMTP parsing and limits, the session, every
+the real listeners (the SMTP server's parsing and limits, the session, every
 stage hook, scoring, the headers the core adds, the decision line) and speaks
 SMTP to it from a small lockstep client. The one thing faked is the client
 address: the session is handed ``--client-ip`` where the socket would say

@@ -1,7 +1,7 @@
 """Line endings and NUL bytes in message content: the SMTP smuggling defence.
 
-aiosmtpd (1.4.5 and later) ends DATA only at ``CRLF.CRLF``, but it hands a bare
-LF or a bare CR *inside* a line to the handler unchanged. A downstream server
+The SMTP server (``gateway.smtpserver``) ends DATA only at ``CRLF.CRLF``, but a
+bare LF or a bare CR *inside* a line is still in the bytes it received. A downstream server
 that is lenient about line endings may read ``<LF>.<CR><LF>`` as the end of the
 message and the bytes after it as a second, smuggled transaction (SEC Consult,
 December 2023; CVE-2023-51764/51765/51766). Parsers also disagree about where
@@ -75,7 +75,7 @@ def _record(rule: str, action: str, reason: str) -> VerdictRecord:
 def screen(data: bytes, mode: LineEndings) -> Screened:
     """Refuse or normalise a message's bare CR/LF; always refuse NUL.
 
-    :param data: the message as aiosmtpd received it (dot-unstuffed).
+    :param data: the message as received (dot-unstuffed).
     :param mode: ``reject`` or ``normalize`` for this client.
     """
     if b"\x00" in data:

@@ -5,8 +5,8 @@ JSON: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg`` and, on the
 decision line, every decision field as its own key (``txn``, ``client``,
 ``outcome``, ``verdicts`` ...). ``log.level`` sets the level of mailgate's own
 loggers (``mailgate.*``); ``debug`` adds one line per verdict. Libraries keep
-their own levels, and aiosmtpd's per-command log stays at warning: it would
-log every envelope address twice and says nothing the decision line does not.
+their own levels, and aiosmtpd's per-command log (the recording upstream of
+``gateway.testing``) stays at warning.
 
 Message bodies, header values and policy values never reach a log line: the
 core logs only envelope data, rule ids, reasons and replies.
@@ -86,5 +86,5 @@ def configure_logging(config: Logging, install: bool = True) -> None:
         JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     logging.getLogger("mailgate").setLevel(config.level.upper())
-    # aiosmtpd logs every command line at INFO; the decision line says what matters.
+    # aiosmtpd (plugins' test servers) logs every command line at INFO.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

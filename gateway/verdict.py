@@ -33,7 +33,7 @@ class Reply:
     status: str = ""
 
     def render(self) -> str:
-        """Render as aiosmtpd expects: lines joined by CRLF, without the final CRLF."""
+        """The reply's lines joined by CRLF, without the final CRLF."""
         lines = self.text.splitlines() or [""]
         prefix = f"{self.status} " if self.status else ""
         out = [f"{self.code}-{prefix}{line}" for line in lines[:-1]]
