@@ -111,7 +111,7 @@ def _syntax(usage: str) -> Reply:
 
 
 def longest_line_over(data: bytes, limit: int) -> bool:
-    """True when a CRLF-ended line of ``data`` (CRLF included) is longer than ``limit``."""
+    """True when a line of ``data`` (with its CRLF, if any) is longer than ``limit``."""
     start, size = 0, len(data)
     while size - start > limit:
         # The last line end that keeps the line from ``start`` within the limit.
@@ -248,6 +248,8 @@ class SmtpServer(asyncio.Protocol):
         try:
             if await self._open():
                 while self._state == "open":
+                    if self._writing_paused is not None:
+                        await self._writing_paused  # replies pile up unread: wait
                     line = await self._read_line()
                     if line is None:
                         break
@@ -385,7 +387,8 @@ class SmtpServer(asyncio.Protocol):
                 if end >= 0:
                     end += 2
                     break
-                if dropped + len(buf) > limit and len(buf) > 4:
+                # Over the limit even without the ".\r" of a final dot begun: drop it.
+                if dropped + len(buf) - 2 > limit and len(buf) > 4:
                     dropped += len(buf) - 4
                     del buf[:-4]  # keep what may be the start of the final dot
                 scan = max(len(buf) - 4, 0)
@@ -399,7 +402,8 @@ class SmtpServer(asyncio.Protocol):
             self._data_deadline = None
             self._stop_timer()
         size = dropped + end
-        data = bytes(buf[:end]) if not dropped else b""
+        with memoryview(buf) as view:
+            data = bytes(view[:end]) if not dropped else b""  # one copy, not two
         del buf[: end + 3]
         self._scan = 0
         if size > limit:
@@ -642,7 +646,7 @@ class SmtpServer(asyncio.Protocol):
             return
         address, options = path
         if address == "<>":
-            self._send(_syntax(usage))
+            self._send(self._usage(usage))
             return
         try:
             params = parse_parameters(options)
