@@ -139,8 +139,9 @@ def render(results: Results) -> str:
         out += ["", "Invalid runs:", *invalid]
     out += ["", "### Ratios of throughput (same run, medians of msg/s)", ""]
     out += _ratio_table(results, "rate")
-    out += ["", "### Ratios of CPU per message (same run, medians; other load on the machine",
-            "barely moves these: the other system's CPU ms/msg over mailgate's)", ""]  # fmt: skip
+    out += ["", "### Ratios of CPU per message (same run, medians)", "",
+            "Other load on the machine barely moves these: the other system's CPU ms/msg"
+            " over mailgate's.", ""]  # fmt: skip
     out += _ratio_table(results, "cpu")
     better = []
     for nodes in (0, 2):

@@ -547,31 +547,27 @@ class SmtpServer(asyncio.Protocol):
         self._rcpts = 0
 
     async def _helo_command(self, arg: str) -> None:
-        if not arg:
-            self._send(_syntax("HELO hostname"))
-            return
-        self._new_transaction()
-        refusal = await self.session.helo(arg, esmtp=False)
-        if refusal is not None:
-            self._send(refusal)
-            return
-        self._helo, self._esmtp = arg, False
-        self._send(Reply(250, self.hostname))
+        await self._greeting(arg, esmtp=False)
 
     async def _ehlo_command(self, arg: str) -> None:
-        if not arg:
-            self._send(_syntax("EHLO hostname"))
+        await self._greeting(arg, esmtp=True)
+
+    async def _greeting(self, hostname: str, esmtp: bool) -> None:
+        if not hostname:
+            self._send(_syntax(f"{'EHLO' if esmtp else 'HELO'} hostname"))
             return
         self._new_transaction()
-        refusal = await self.session.helo(arg, esmtp=True)
+        refusal = await self.session.helo(hostname, esmtp=esmtp)
         if refusal is not None:
             self._send(refusal)
             return
-        self._helo, self._esmtp = arg, True
-        lines = [self.hostname, f"SIZE {self.limits.message_size}", "8BITMIME", "SMTPUTF8"]
-        if self.tls_context is not None and not self._tls:
-            lines.append("STARTTLS")
-        lines += ["PIPELINING", "HELP"]
+        self._helo, self._esmtp = hostname, esmtp
+        lines = [self.hostname]
+        if esmtp:
+            lines += [f"SIZE {self.limits.message_size}", "8BITMIME", "SMTPUTF8"]
+            if self.tls_context is not None and not self._tls:
+                lines.append("STARTTLS")
+            lines += ["PIPELINING", "HELP"]
         self._send(Reply(250, "\n".join(lines)))
 
     def _usage(self, usage: str) -> Reply:
