@@ -212,7 +212,9 @@ class SmtpServer(asyncio.Protocol):
         """The client will send no more; what it sent is still served, then we close."""
         self._eof = True
         self._wake()
-        return True  # keep our side open for the replies still owed
+        # Keep our side open for the replies still owed (TLS cannot half-close: asyncio
+        # closes it whatever we answer, and warns if we answer True).
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Give back the connection's slots, stop serving, let the session close out."""

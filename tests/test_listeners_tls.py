@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 
 import pytest
@@ -118,3 +119,22 @@ def test_starttls_in_a_transaction_starts_over(make_gateway, upstream, certs):
         assert client.docmd("DATA")[0] == 503  # the plaintext transaction is gone
         client.sendmail("alice@example.net", ["carol@example.com"], MESSAGE)
     assert [m.recipients for m in upstream.messages] == [["carol@example.com"]]
+
+
+def test_a_tls_client_closing_its_side_is_served_without_asyncio_warnings(
+    make_gateway, certs, caplog
+):
+    gw = make_gateway(listen=[_listener(certs, tls="implicit")])
+    context = _client_context(certs.ca)
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        reader = tls.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        tls.sendall(b"NOOP\r\n")
+        assert reader.readline().startswith(b"250 ")
+        reader.close()
+        tls.unwrap()  # TLS close_notify: end of input, as a client's shutdown
+    # The gateway keeps serving; asyncio had nothing to warn about.
+    with smtplib.SMTP_SSL("127.0.0.1", gw.port, timeout=10, context=context) as client:
+        assert client.noop()[0] == 250
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
