@@ -126,7 +126,7 @@ class SmtpSession:
     async def helo(self, hostname: str, esmtp: bool) -> Reply | None:
         """HELO or EHLO: run on_helo; return a reply to refuse the greeting."""
         assert self.session is not None
-        await self._reset()
+        await self.rset()
         self.session.helo = hostname
         self.session.esmtp = esmtp
         outcome = await self.rt.runner.run_stage(
@@ -145,7 +145,7 @@ class SmtpSession:
         upper-cased ESMTP parameters.
         """
         assert self.session is not None
-        await self._reset()
+        await self.rset()
         self.session.transactions += 1
         inherited = Scorecard(self.session.card.score, list(self.session.card.headers))
         env = Envelope(
@@ -172,7 +172,7 @@ class SmtpSession:
             self._finish("mail", reply, upstream=reply)
         return reply
 
-    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+    async def rcpt(self, recipient: str) -> Reply:
         """RCPT TO: run on_rcpt, then forward it and relay the upstream's reply."""
         assert self.session is not None and self.txn is not None
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
@@ -235,8 +235,14 @@ class SmtpSession:
             await upstream.reset()
 
     async def rset(self) -> None:
-        """RSET or QUIT: abandon any open transaction here and upstream."""
-        await self._reset()
+        """Close out an open transaction (RSET, new MAIL, HELO, QUIT) and RSET upstream."""
+        txn = self.txn
+        if txn is None:
+            return
+        upstream = txn.upstream
+        self._finish("reset", None)
+        if upstream is not None:
+            await upstream.reset()
 
     async def internal_error(self, error: Exception) -> Reply:
         """An unexpected error in our code: log it, drop the upstream, answer 451 (not 500)."""
@@ -287,16 +293,6 @@ class SmtpSession:
             else:
                 log.warning("dropped header with invalid name %r: txn=%s", name, env.id)
         return b"".join(lines)
-
-    async def _reset(self) -> None:
-        """Close out an open transaction (RSET, new MAIL, HELO, QUIT) and RSET upstream."""
-        txn = self.txn
-        if txn is None:
-            return
-        upstream = txn.upstream
-        self._finish("reset", None)
-        if upstream is not None:
-            await upstream.reset()
 
     def _finish(
         self,

@@ -654,7 +654,7 @@ class SmtpServer(asyncio.Protocol):
         if params:
             self._send(RCPT_PARAMETERS)
             return
-        reply = await self.session.rcpt(address, options)
+        reply = await self.session.rcpt(address)
         if reply.positive:
             self._rcpts += 1
         self._send(reply)

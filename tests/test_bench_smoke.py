@@ -67,7 +67,8 @@ def test_mailgate_and_naive_relay_versus_direct_in_a_tiny_run(sink, tmp_path):
             System("naive", "naive", naive_port, naive),
         ]
         for system in systems:
-            run = load_run(system, "1 rcpt", 20, gen, sink_port)
+            # 100 messages: enough CPU time to show in /proc's 10 ms ticks.
+            run = load_run(system, "1 rcpt", 100, gen, sink_port)
             assert run.error is None, (system.key, run.error)
             assert run.rate is not None and run.rate > 0
             if system.proc is not None:
