@@ -29,6 +29,7 @@ from typing import Protocol
 import aiosmtplib
 
 from gateway.dns import Resolver
+from gateway.lineendings import bare_line_endings, normalize
 from gateway.policy import Upstream as UpstreamConfig
 from gateway.tls import client_context
 from gateway.verdict import Reply
@@ -71,16 +72,44 @@ class Upstream(Protocol):
         """Close every idle connection."""
 
 
-def _reply_from(exc: aiosmtplib.SMTPResponseException) -> Reply:
-    code = exc.code
-    if code == 421:
-        # 421 tells the client we are closing; we are not, the upstream is.
-        return Reply(451, exc.message or "Upstream closed the connection", "")
-    return Reply(code, exc.message, "")
-
-
 def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
+    """The upstream's reply as the client's; 421 (the upstream closing) becomes 451."""
+    if response.code == 421:
+        # 421 tells the client we are closing; we are not, the upstream is.
+        return Reply(451, response.message or "Upstream closed the connection", "")
     return Reply(response.code, response.message, "")
+
+
+def _path(keyword: bytes, address: str, encoding: str) -> bytes:
+    """``FROM:<address>`` or ``TO:<address>``, the address as the client sent it.
+
+    (The server side has checked its syntax; aiosmtplib's ``mail``/``rcpt``
+    would parse it again with ``email.utils``.)
+    """
+    return keyword + b"<" + address.encode(encoding) + b">"
+
+
+async def _send_content(client: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
+    """After the 354: the message dot-stuffed, the final dot, and the upstream's reply.
+
+    One ``bytes.replace`` where aiosmtplib's ``data`` makes two regex passes:
+    what the session relays already has CRLF line endings only (other callers'
+    bare CR or LF are normalised here first).
+    """
+    if any(bare_line_endings(message)):
+        message = normalize(message)
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    lead = b"." if message[:1] == b"." else b""
+    protocol.write(b"".join((lead, message.replace(b"\r\n.", b"\r\n.."), b".\r\n")))
+    try:
+        return await protocol.read_response(timeout=client.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()  # what aiosmtplib does: a half-read reply leaves it out of step
+        raise
 
 
 def _failure(exc: BaseException) -> Reply:
@@ -297,12 +326,11 @@ class SmtpTransaction:
                 return UNAVAILABLE
             self.conn = conn
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+            args = [o.encode("ascii") for o in options]
             try:
                 await self.upstream.announce(conn, self.identity)
-                return _reply(await conn.client.mail(sender, options=options, encoding=encoding))
-            except aiosmtplib.SMTPResponseException as exc:
-                await self.reset()
-                return _reply_from(exc)
+                path = _path(b"FROM:", sender, encoding)
+                response = await conn.client.execute_command(b"MAIL", path, *args)
             except aiosmtplib.SMTPServerDisconnected:
                 self._release(clean=False)
                 if reused:
@@ -315,38 +343,44 @@ class SmtpTransaction:
             except BaseException as exc:
                 self._release(clean=False)
                 return _failure(exc)
+            if response.code != 250:
+                await self.reset()
+            return _reply(response)
         return BROKEN
 
     async def rcpt(self, recipient: str) -> Reply:
         """Forward one RCPT TO and return the upstream's reply to it."""
         if self.conn is None:
             return BROKEN
+        encoding = "utf-8" if not recipient.isascii() else "ascii"
         try:
-            encoding = "utf-8" if not recipient.isascii() else "ascii"
-            return _reply(await self.conn.client.rcpt(recipient, encoding=encoding))
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
-                self._release(clean=False)
-            return _reply_from(exc)
+            response = await self.conn.client.execute_command(
+                b"RCPT", _path(b"TO:", recipient, encoding)
+            )
         except BaseException as exc:
             self._release(clean=False)
             return _failure(exc)
+        if response.code == 421:
+            self._release(clean=False)
+        return _reply(response)
 
     async def data(self, message: bytes) -> Reply:
         """Send the message and return the upstream's final reply."""
         if self.conn is None:
             return BROKEN
+        client = self.conn.client
         try:
-            reply = _reply(await self.conn.client.data(message))
-        except aiosmtplib.SMTPResponseException as exc:
-            self._release(clean=exc.code != 421)
-            return _reply_from(exc)
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                await self.reset()  # the transaction is still open upstream
+                return _reply(start)
+            final = await _send_content(client, message)
         except BaseException as exc:
             # Cancelled or failed half-way: the upstream's state is unknown.
             self._release(clean=False)
             return _failure(exc)
-        self._release(clean=True)
-        return reply
+        self._release(clean=final.code != 421)
+        return _reply(final)
 
     async def reset(self) -> None:
         """RSET the upstream and return the connection; close it if RSET fails."""

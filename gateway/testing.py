@@ -81,6 +81,8 @@ class UpstreamBehaviour:
 
     mail_reply: str | None = None
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_command_reply: str | None = None
+    """The reply to the DATA command itself (instead of 354)."""
     data_reply: str | None = None
     data_delay: float = 0.0
     drop_at_data: bool = False
@@ -140,6 +142,14 @@ class _CountingSMTP(SMTP):
         if self.transport is None:
             self.up.connections += 1
         super().connection_made(transport)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, unless the behaviour refuses the command itself."""
+        reply = self.up.behaviour.data_command_reply
+        if reply and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
 
 
 class RecordingUpstream:

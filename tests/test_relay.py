@@ -93,6 +93,20 @@ def test_upstream_data_reject_is_relayed_as_is(make_gateway, upstream):
     assert err.value.smtp_error == b"5.7.1 Content refused upstream"
 
 
+def test_upstream_refusing_the_data_command_gets_its_transaction_reset(make_gateway, upstream):
+    upstream.behaviour.data_command_reply = "451 4.3.0 Try again later"
+    gw = make_gateway()
+    with gw.client() as client:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+        assert err.value.smtp_code == 451
+        upstream.behaviour.data_command_reply = None
+        # The pooled connection was RSET, not left in its transaction (503 nested MAIL).
+        client.sendmail("alice@example.net", ["carol@example.com"], MESSAGE)
+    assert [m.recipients for m in upstream.messages] == [["carol@example.com"]]
+    assert upstream.rsets >= 1 and upstream.connections == 1
+
+
 def test_upstream_tempfail_at_mail_is_relayed(make_gateway, upstream):
     upstream.behaviour.mail_reply = "451 4.3.0 Try again later"
     gw = make_gateway()
