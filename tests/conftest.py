@@ -9,12 +9,23 @@ from typing import Any
 
 import pytest
 
+from gateway.logformat import HANDLER_NAME
 from tests.dnsserver import LoopbackDnsServer
 from tests.redis_support import redis_server  # noqa: F401 - fixture for the Redis state tests
 from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy
 from tests.tlscerts import certs  # noqa: F401 - fixture: certificates made at test time
 
 MakeGateway = Callable[..., RunningGateway]
+
+
+@pytest.fixture(autouse=True)
+def _no_stderr_log_handler_left() -> Iterator[None]:
+    """Remove the stderr handler that in-process ``mailgate`` commands install on the root
+    logger, so that later tests' background log lines do not land in the pytest output."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.name == HANDLER_NAME]:
+        root.removeHandler(handler)
 
 
 @pytest.fixture
