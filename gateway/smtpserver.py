@@ -100,6 +100,8 @@ COMMAND_LIMIT = 512
 MAIL_EXTENSIONS = 26 + 10
 """What SIZE (RFC 1870) and SMTPUTF8 (RFC 6531) add to MAIL's limit in an EHLO session."""
 UNKNOWN_LIMIT = 5
+_Path = tuple[str, list[str], dict[str, str | bool]]
+"""A MAIL/RCPT path: the address, the upper-cased parameters, and them parsed."""
 _OVERLONG = 4096  # a command line past this is dropped as it arrives
 _PAUSE_AT = 256 * 1024  # pipelined command bytes held before we stop reading
 _BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
@@ -576,8 +578,8 @@ class SmtpServer(asyncio.Protocol):
         """The syntax error for MAIL or RCPT, naming parameters in an EHLO session."""
         return _syntax(usage + (" [SP <mail-parameters>]" if self._esmtp else ""))
 
-    def _path(self, arg: str, keyword: str, usage: str) -> tuple[str, list[str]] | Reply:
-        """The address and upper-cased parameters of MAIL/RCPT, or the reply refusing them."""
+    def _path(self, arg: str, keyword: str, usage: str) -> _Path | Reply:
+        """The address and parameters of MAIL or RCPT, or the reply refusing them."""
         syntax = self._usage(usage)
         if arg[: len(keyword)].upper() != keyword:
             return syntax
@@ -587,7 +589,11 @@ class SmtpServer(asyncio.Protocol):
         address, rest = parsed
         if not address or (rest and not self._esmtp):
             return syntax
-        return address, rest.upper().split()
+        options = rest.upper().split()
+        try:
+            return address, options, parse_parameters(options)
+        except ParameterError:
+            return syntax
 
     async def _mail_command(self, arg: str) -> None:
         if self._helo is None:
@@ -601,12 +607,7 @@ class SmtpServer(asyncio.Protocol):
         if self._mail:
             self._send(NESTED_MAIL)
             return
-        address, options = path
-        try:
-            params = parse_parameters(options)
-        except ParameterError:
-            self._send(self._usage(usage))
-            return
+        address, options, params = path
         refusal = self._mail_parameters(params)
         if refusal is not None:
             self._send(refusal)
@@ -642,13 +643,8 @@ class SmtpServer(asyncio.Protocol):
         if isinstance(path, Reply):
             self._send(path)
             return
-        address, options = path
+        address, _, params = path
         if address == "<>":
-            self._send(self._usage(usage))
-            return
-        try:
-            params = parse_parameters(options)
-        except ParameterError:
             self._send(self._usage(usage))
             return
         if params:
