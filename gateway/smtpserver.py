@@ -711,7 +711,8 @@ class SmtpServer(asyncio.Protocol):
         self._send(NO_EXPN)
 
     async def _help_command(self, arg: str) -> None:
-        commands = sorted(_COMMANDS if self.tls_context else set(_COMMANDS) - {"STARTTLS"})
+        unoffered = {"EXPN"} | (set() if self.tls_context else {"STARTTLS"})
+        commands = sorted(set(_COMMANDS) - unoffered)
         self._send(Reply(214, "Supported commands: " + " ".join(commands), "2.0.0"))
 
     async def _starttls_command(self, arg: str) -> None:

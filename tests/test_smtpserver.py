@@ -327,7 +327,7 @@ def test_command_replies(make_gateway, before, command, reply):
 
 
 def test_help_names_every_command_and_starttls_only_when_offered(make_gateway, certs):
-    commands = b"DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT RSET VRFY".split()
+    commands = b"DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY".split()  # not EXPN: 502
     tls = {"cert": str(certs.server_cert), "key": str(certs.server_key)}
     for listener, offered in (
         ({"address": "127.0.0.1:0"}, commands),
