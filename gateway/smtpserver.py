@@ -30,7 +30,8 @@ explains the choices):
   ``421 4.7.0`` and is disconnected, without another pipelined command being
   run. A delivered message resets both counts. The fifth unknown command
   also ends the session (``421 4.7.0``).
-- **Commands**: a NUL byte in a command line gets ``501 5.5.2``; command lines
+- **Commands**: a NUL byte or another control character (TAB aside) in a
+  command's argument gets ``501 5.5.2``; command lines
   are limited to 512 octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to
   MAIL, per RFC 1870/6531).
 - **DATA**: only ``CRLF.CRLF`` ends it; lines up to ``limits.line_length``
@@ -50,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -71,6 +73,7 @@ EARLY_TALKER = Reply(554, "Protocol error: you talked before the greeting", "5.5
 TOO_MANY_ERRORS = Reply(421, "Too many errors, closing connection", "4.7.0")
 TOO_MANY_UNKNOWN = Reply(421, "Too many unrecognized commands, closing connection", "4.7.0")
 NUL_IN_COMMAND = Reply(501, "Syntax error: NUL byte in command", "5.5.2")
+CONTROL_IN_COMMAND = Reply(501, "Syntax error: control character in command", "5.5.2")
 SYNTAX_ERROR = Reply(500, "Syntax error", "5.5.2")
 LINE_TOO_LONG = Reply(500, "Line too long", "5.5.2")
 COMMAND_TOO_LONG = Reply(500, "Command line too long", "5.5.2")
@@ -106,6 +109,7 @@ _OVERLONG = 4096  # a command line past this is dropped as it arrives
 _PAUSE_AT = 256 * 1024  # pipelined command bytes held before we stop reading
 _BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 _JUNK = frozenset({"NOOP", "RSET", "VRFY"})
+_CONTROL = re.compile(rb"[\x01-\x08\x0a-\x1f\x7f]")  # C0 controls but TAB (the line's CRLF is gone)
 
 
 def _syntax(usage: str) -> Reply:
@@ -535,6 +539,10 @@ class SmtpServer(asyncio.Protocol):
             return
         if b"\x00" in arg_bytes:
             self._send(NUL_IN_COMMAND)
+            return
+        if _CONTROL.search(arg_bytes):
+            # A bare CR in a path would survive into the address (or vanish from it).
+            self._send(CONTROL_IN_COMMAND)
             return
         if name in _JUNK:
             self._junk += 1

@@ -314,6 +314,11 @@ def test_a_client_that_never_reads_its_replies_cannot_make_the_gateway_read_on(m
         ([], MAIL + b" size=25000000 body=8bitmime", (250, b"2.1.0 Sender ok")),
         ([], b"NO\x00OP", (500, b"5.5.1 Command unrecognized")),
         ([], b"N\xc3\x96OP", (500, b"5.5.2 Syntax error")),
+        # A bare CR in a path would stay in the address, or vanish from a domain.
+        ([], b"MAIL FROM:<a\rb@example.net>", (501, b"5.5.2 Syntax error: control character")),
+        ([MAIL], b"RCPT TO:<bob@exam\rple.com>", (501, b"5.5.2 Syntax error: control character")),
+        ([MAIL], b"RCPT TO:<bob@example.com>\x1b", (501, b"5.5.2 Syntax error: control character")),
+        ([], b"MAIL FROM:\t<alice@example.net>", (250, b"2.1.0 Sender ok")),
     ],
 )
 def test_command_replies(make_gateway, before, command, reply):
