@@ -263,13 +263,10 @@ class SmtpServer(asyncio.Protocol):
                         break
                     await self._command(line)
         except asyncio.CancelledError:
-            return  # the connection is gone, or timed out while we waited on the client
+            pass  # the connection is gone, timed out while we waited, or the gateway stops
         except Exception:
             log.exception("internal error in the SMTP server")
-        if self._state == "open" and self.transport is not None:
-            self._flush()
-            self._state = "closing"
-            self.transport.close()
+        self._close()
 
     async def _open(self) -> bool:
         """PROXY header, connect stage, connection limits, early talkers; then the greeting."""
