@@ -15,7 +15,14 @@ import pytest
 from bench import driver, message
 from bench.procs import Proc, free_port
 from bench.run import LoadGenerator, load_run
-from bench.systems import System, compose_policy, start_mailgate, start_naive, start_sink
+from bench.systems import (
+    ComposedPolicy,
+    System,
+    compose_policy,
+    start_mailgate,
+    start_naive,
+    start_sink,
+)
 
 MESSAGE = message.big(2000)
 
@@ -49,13 +56,18 @@ def test_asyncio_driver_delivers_exactly_what_it_sends(sink):
     assert driver.sink_count(port).check(20) is None
 
 
-def test_mailgate_and_naive_relay_versus_direct_in_a_tiny_run(sink, tmp_path):
-    _, sink_port = sink
-    port = free_port()
-    policy = compose_policy(
+def _default_policy(tmp_path: Path, port: int, sink_port: int) -> ComposedPolicy:
+    """The bench's default policy on ``port``, relaying to the sink (no DNS needed)."""
+    return compose_policy(
         "default", tmp_path / "p.yaml", port=port, sink_port=sink_port, dns="127.0.0.1:9",
         workers=1,
     )  # fmt: skip
+
+
+def test_mailgate_and_naive_relay_versus_direct_in_a_tiny_run(sink, tmp_path):
+    _, sink_port = sink
+    port = free_port()
+    policy = _default_policy(tmp_path, port, sink_port)
     gateway = start_mailgate(tmp_path, "mg", policy.path, port)
     naive_port = free_port()
     naive = start_naive(tmp_path, naive_port, sink_port)
@@ -84,10 +96,7 @@ def test_mailgate_and_naive_relay_versus_direct_in_a_tiny_run(sink, tmp_path):
 def test_a_lost_message_makes_the_run_invalid(sink, tmp_path):
     _, sink_port = sink
     port = free_port()
-    policy = compose_policy(
-        "default", tmp_path / "p.yaml", port=port, sink_port=sink_port, dns="127.0.0.1:9",
-        workers=1,
-    )  # fmt: skip
+    policy = _default_policy(tmp_path, port, sink_port)
     text = policy.path.read_text().replace("domains:\n- example.com", "domains:\n- other.test")
     policy.path.write_text(text)  # now every recipient is refused: nothing arrives
     gateway = start_mailgate(tmp_path, "mg", policy.path, port)
