@@ -100,7 +100,7 @@ def start_gateway(
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(policy))
-    argv = [sys.executable, "-m", "gateway", "run", "-c", str(path)]
+    argv = [sys.executable, "-m", "mailgate", "run", "-c", str(path)]
     proc = Proc(name, argv, workdir / f"{name}.log", cwd=str(ROOT))
     wait_banner(port, proc)
     return proc, port

@@ -40,11 +40,11 @@ import yaml
 from bench.driver import sink_count
 from bench.procs import free_port, start_gateway_process, start_sink_process
 from bench.ratelimit_cost import measure
-from gateway.context import Envelope, Session, VerdictRecord
-from gateway.metrics import Metrics
-from gateway.observer import Observers
-from gateway.stages import StageOutcome
-from gateway.verdict import Reply
+from mailgate.context import Envelope, Session, VerdictRecord
+from mailgate.metrics import Metrics
+from mailgate.observer import Observers
+from mailgate.stages import StageOutcome
+from mailgate.verdict import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_data")
@@ -88,7 +88,7 @@ def reload_latency(reloads: int) -> list[float]:
         log_path = Path(tmp) / "log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                [sys.executable, "-m", "mailgate", "run", "-c", str(path)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -122,7 +122,7 @@ def dry_runs() -> tuple[int, float]:
     files = sorted(glob.glob(str(ROOT / "policies" / "**" / "*.cases.yaml"), recursive=True))
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "test", "--cases", *files, "--json"],
+        [sys.executable, "-m", "mailgate", "test", "--cases", *files, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -214,7 +214,7 @@ def start_gateway_process(
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**policy, "listen": [{"address": f"127.0.0.1:{port}"}]}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+        [sys.executable, "-m", "mailgate", "run", "-c", str(path)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

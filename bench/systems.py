@@ -44,14 +44,14 @@ def start_sink(scratch: Path) -> tuple[Proc, int]:
 
 def available_plugins() -> set[str]:
     """Names of the plugins this build of mailgate ships."""
-    from plugins import BUILTIN_PLUGINS
+    from mailgate.plugins import BUILTIN_PLUGINS
 
     return {getattr(cls, "name", cls.__name__.lower()) for cls in BUILTIN_PLUGINS}
 
 
 def supports(key: str) -> bool:
     """True when this build's policy has the top-level key ``key``."""
-    from gateway.policy import Policy
+    from mailgate.policy import Policy
 
     return key in Policy.model_fields
 
@@ -70,8 +70,8 @@ def compose_policy(
     template: str, out: Path, *, port: int, sink_port: int, dns: str, workers: int
 ) -> ComposedPolicy:
     """Fill in ``bench/policies/TEMPLATE.yaml``; drop plugins this build lacks or rejects."""
-    from gateway.runtime import Runtime
-    from gateway.yamlsource import SourceError
+    from mailgate.runtime import Runtime
+    from mailgate.yamlsource import SourceError
 
     data: dict[str, Any] = yaml.safe_load((POLICIES / f"{template}.yaml").read_text())
     data["listen"] = [{"address": f"127.0.0.1:{port}"}]
@@ -81,7 +81,7 @@ def compose_policy(
         data["workers"] = workers
     if "state" in data and not supports("state"):
         del data["state"]
-    from gateway.policy import Limits
+    from mailgate.policy import Limits
 
     for key in [k for k in data.get("limits", {}) if k not in Limits.model_fields]:
         del data["limits"][key]  # a key this build does not have yet
@@ -112,7 +112,7 @@ def compose_policy(
 
 def start_mailgate(scratch: Path, key: str, policy: Path, port: int) -> Proc:
     """Run ``mailgate run -c POLICY`` and wait for its banner."""
-    argv = [sys.executable, "-m", "gateway", "run", "-c", str(policy)]
+    argv = [sys.executable, "-m", "mailgate", "run", "-c", str(policy)]
     proc = Proc(key, argv, scratch / f"{key}.log", cwd=str(REPO))
     wait_banner(port, proc)
     return proc

@@ -1,16 +1,20 @@
 """mailgate: a pluggable mail-filtering SMTP gateway.
 
+This folder (``gateway/``) installs as the import package ``mailgate``; the
+built-in plugins (``plugins/``) install as ``mailgate.plugins``. Nothing named
+``gateway`` or ``plugins`` is importable once installed.
+
 The public API for plugin authors: ``hookimpl`` to mark hook methods,
 ``Verdict`` to return decisions, ``PluginConfig`` to declare a config model,
 and the types hooks receive.
 """
 
-from gateway.context import Envelope, Message, Session
-from gateway.hookspecs import hookimpl
-from gateway.registry import PluginConfig
-from gateway.rewrite import HeaderStrip
-from gateway.runtime import StartupContext
-from gateway.verdict import Action, Reply, Verdict
+from mailgate.context import Envelope, Message, Session
+from mailgate.hookspecs import hookimpl
+from mailgate.registry import PluginConfig
+from mailgate.rewrite import HeaderStrip
+from mailgate.runtime import StartupContext
+from mailgate.verdict import Action, Reply, Verdict
 
 __all__ = [
     "Action",

@@ -2,7 +2,7 @@
 
 One :class:`ConnectionCounter` is shared by every listener of a process (the
 ``workers`` of a multi-process gateway count separately). The protocol
-(``gateway.smtpserver``) takes a slot when a connection is accepted and checks the
+(``mailgate.smtpserver``) takes a slot when a connection is accepted and checks the
 total there, before anything else runs; it checks the per-address limit just
 before the greeting, once the real client address is known (after a PROXY
 header). Clients in ``trusted_networks`` are exempt from the per-address limit,
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gateway.context import IPAddress
-from gateway.verdict import Reply
+from mailgate.context import IPAddress
+from mailgate.verdict import Reply
 
 TOO_MANY_CONNECTIONS = Reply(421, "Too many connections, try again later", "4.7.0")
 TOO_MANY_FROM_YOU = Reply(421, "Too many connections from your address, try again later", "4.7.0")

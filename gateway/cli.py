@@ -4,7 +4,7 @@
 
 Exit status: 0 on success, 2 for a bad policy (every problem printed as
 ``FILE:LINE:COL: path: message`` on standard error), 1 for other failures.
-``mailgate test`` has its own (``gateway.policytest``): 0 accept, 4 tempfail,
+``mailgate test`` has its own (``mailgate.policytest``): 0 accept, 4 tempfail,
 5 reject for one message; 0 all passed, 1 some failed for test cases.
 """
 
@@ -20,14 +20,14 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from gateway import policytest
-from gateway.logformat import configure_logging
-from gateway.pidfile import PidFileError, read_pid, remove_pid, write_pid
-from gateway.policy import Logging
-from gateway.registry import STAGES
-from gateway.runtime import Runtime
-from gateway.server import Gateway
-from gateway.yamlsource import SourceError
+from mailgate import policytest
+from mailgate.logformat import configure_logging
+from mailgate.pidfile import PidFileError, read_pid, remove_pid, write_pid
+from mailgate.policy import Logging
+from mailgate.registry import STAGES
+from mailgate.runtime import Runtime
+from mailgate.server import Gateway
+from mailgate.yamlsource import SourceError
 
 DEFAULT_POLICY = "policies/default.yaml"
 EXIT_BAD_POLICY = 2
@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         await gateway.serve()
 
     if runtime.policy.workers > 1:
-        from gateway.workers import supervise
+        from mailgate.workers import supervise
 
         def worker() -> int:
             fresh = _load(args.config)  # each worker, and each restart, reads the file again
@@ -101,8 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    """``queue list | flush | delete ID`` on the policy's spool (``gateway.queue.admin``)."""
-    from gateway.queue import admin
+    """``queue list | flush | delete ID`` on the policy's spool (``mailgate.queue.admin``)."""
+    from mailgate.queue import admin
 
     runtime = _load(args.config)
     if runtime is None:
@@ -111,7 +111,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    """Dry-run a message or run test cases (``gateway.policytest``)."""
+    """Dry-run a message or run test cases (``mailgate.policytest``)."""
     return policytest.main(args)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from typing import Any
 
-from gateway.rewrite import HeaderStrip
+from mailgate.rewrite import HeaderStrip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

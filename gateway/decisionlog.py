@@ -10,7 +10,7 @@ Example::
 
 Message bodies and header values never appear here. With ``log: {format: json}``
 the same fields become keys of the JSON line (``rcpts`` and ``verdicts`` as
-lists, ``score`` as a number); see ``gateway.logformat``.
+lists, ``score`` as a number); see ``mailgate.logformat``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import re
 import time
 from collections.abc import Iterable
 
-from gateway.context import Envelope, Session, VerdictRecord
-from gateway.verdict import Reply
+from mailgate.context import Envelope, Session, VerdictRecord
+from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.decision")
 

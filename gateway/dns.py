@@ -20,8 +20,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from gateway.policy import Dns as DnsConfig
-from gateway.policy import split_host_port
+from mailgate.policy import Dns as DnsConfig
+from mailgate.policy import split_host_port
 
 
 class DnsTempError(Exception):

@@ -1,4 +1,4 @@
-"""pyspf and dkimpy resolve through our resolver (``gateway.dns``), never their own.
+"""pyspf and dkimpy resolve through our resolver (``mailgate.dns``), never their own.
 
 pyspf looks names up through the module global ``spf.DNSLookup``, whose
 default applies the resolv.conf search list and has no shared cache.
@@ -29,7 +29,7 @@ import dns.exception
 import dns.name
 import spf
 
-from gateway.dns import DnsTempError, Resolver
+from mailgate.dns import DnsTempError, Resolver
 
 _bound = threading.local()
 _original_lookup = spf.DNSLookup

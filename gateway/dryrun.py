@@ -15,7 +15,7 @@ stage hook, scoring, the headers the core adds, the decision line) and speaks
 SMTP to it from a small lockstep client. The one thing faked is the client
 address: the session is handed ``--client-ip`` where the socket would say
 127.0.0.1. DNS goes wherever the policy's ``dns:`` says, unless a test case
-gives its own records (see ``gateway.testzone``).
+gives its own records (see ``mailgate.testzone``).
 
 A :class:`Trace` records, per SMTP command, the reply and the verdicts of the
 stage it ran (plugin, rule id, action, enforce or monitor, score, headers to
@@ -37,15 +37,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.context import VerdictRecord
-from gateway.listener import protocol_factory
-from gateway.observer import Observer
-from gateway.policy import State, parse_policy
-from gateway.registry import build_plugins
-from gateway.runtime import Runtime
-from gateway.stages import StageOutcome
-from gateway.verdict import Reply
-from gateway.yamlsource import Document
+from mailgate.context import VerdictRecord
+from mailgate.listener import protocol_factory
+from mailgate.observer import Observer
+from mailgate.policy import State, parse_policy
+from mailgate.registry import build_plugins
+from mailgate.runtime import Runtime
+from mailgate.stages import StageOutcome
+from mailgate.verdict import Reply
+from mailgate.yamlsource import Document
 
 DEFAULT_CLIENT_IP = "192.0.2.1"
 """TEST-NET-1 (RFC 5737): a client address that is nobody's."""

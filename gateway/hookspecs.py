@@ -6,7 +6,7 @@ plugin's ``timeout`` from the policy. It may take any subset of the arguments
 named here (pluggy matches them by name).
 
 Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion) or a
-:class:`~gateway.verdict.Verdict`. The core calls plugins in policy order; the
+:class:`~mailgate.verdict.Verdict`. The core calls plugins in policy order; the
 first accept, reject or tempfail ends the stage, tags add up. A plugin that
 raises or times out gets the client a ``451 4.3.0``; in ``monitor`` mode its
 verdicts and errors are logged and change nothing. Event hooks
@@ -15,7 +15,7 @@ nothing; an error there is logged and does not affect mail.
 
 pluggy's ``firstresult`` is never used: with ``async def`` implementations a
 coroutine is "not None" and would win unrun, so the stage runner in
-``gateway.stages`` does the calling.
+``mailgate.stages`` does the calling.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from gateway.context import Envelope, Message, Session
-    from gateway.runtime import StartupContext
-    from gateway.verdict import Reply, Verdict
+    from mailgate.context import Envelope, Message, Session
+    from mailgate.runtime import StartupContext
+    from mailgate.verdict import Reply, Verdict
 
 hookspec = pluggy.HookspecMarker("mailgate")
 hookimpl = pluggy.HookimplMarker("mailgate")
@@ -125,7 +125,7 @@ def on_data(
     :return: a reject or tempfail refuses the message for every recipient; tags
         add score and headers, and may name header fields to remove from the
         relayed message (``Verdict.tag(..., strip=[HeaderStrip(name, match)])``,
-        see ``gateway.rewrite``; tags from ``on_mail`` and ``on_rcpt`` may too).
+        see ``mailgate.rewrite``; tags from ``on_mail`` and ``on_rcpt`` may too).
         After this stage the total score is compared with the policy's
         ``scoring`` thresholds.
     """

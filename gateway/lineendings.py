@@ -1,6 +1,6 @@
 """Line endings and NUL bytes in message content: the SMTP smuggling defence.
 
-The SMTP server (``gateway.smtpserver``) ends DATA only at ``CRLF.CRLF``, but a
+The SMTP server (``mailgate.smtpserver``) ends DATA only at ``CRLF.CRLF``, but a
 bare LF or a bare CR *inside* a line is still in the bytes it received. A downstream server
 that is lenient about line endings may read ``<LF>.<CR><LF>`` as the end of the
 message and the bytes after it as a second, smuggled transaction (SEC Consult,
@@ -36,8 +36,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.context import VerdictRecord
-from gateway.verdict import Reply
+from mailgate.context import VerdictRecord
+from mailgate.verdict import Reply
 
 LineEndings = Literal["reject", "normalize"]
 

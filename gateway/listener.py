@@ -7,12 +7,12 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from gateway.admission import ConnectionCounter
-from gateway.policy import Listener
-from gateway.runtime import Runtime
-from gateway.session import SmtpSession
-from gateway.smtpserver import SmtpServer
-from gateway.tls import server_context
+from mailgate.admission import ConnectionCounter
+from mailgate.policy import Listener
+from mailgate.runtime import Runtime
+from mailgate.session import SmtpSession
+from mailgate.smtpserver import SmtpServer
+from mailgate.tls import server_context
 
 log = logging.getLogger("mailgate.listener")
 

@@ -6,7 +6,7 @@ decision line, every decision field as its own key (``txn``, ``client``,
 ``outcome``, ``verdicts`` ...). ``log.level`` sets the level of mailgate's own
 loggers (``mailgate.*``); ``debug`` adds one line per verdict. Libraries keep
 their own levels, and aiosmtpd's per-command log (the recording upstream of
-``gateway.testing``) stays at warning.
+``mailgate.testing``) stays at warning.
 
 Message bodies, header values and policy values never reach a log line: the
 core logs only envelope data, rule ids, reasons and replies.
@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from gateway.policy import Logging
+from mailgate.policy import Logging
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HANDLER_NAME = "mailgate"

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from gateway.verdict import Reply
+from mailgate.verdict import Reply
 
 _counter = itertools.count()
 

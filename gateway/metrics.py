@@ -56,14 +56,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from gateway.decisionlog import outcome_of
-from gateway.observer import Observer
-from gateway.policy import split_host_port
+from mailgate.decisionlog import outcome_of
+from mailgate.observer import Observer
+from mailgate.policy import split_host_port
 
 if TYPE_CHECKING:
-    from gateway.context import Envelope, Session, VerdictRecord
-    from gateway.stages import StageOutcome
-    from gateway.verdict import Reply
+    from mailgate.context import Envelope, Session, VerdictRecord
+    from mailgate.stages import StageOutcome
+    from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.metrics")
 

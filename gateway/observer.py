@@ -21,10 +21,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.context import Envelope, Session
-    from gateway.relay import UpstreamTransaction
-    from gateway.stages import StageOutcome
-    from gateway.verdict import Reply
+    from mailgate.context import Envelope, Session
+    from mailgate.relay import UpstreamTransaction
+    from mailgate.stages import StageOutcome
+    from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.observer")
 

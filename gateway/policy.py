@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys and validates strictly (``"25"`` is not 25,
 ``on`` is not a string). Plugin sections under ``plugins:`` are validated by
-each plugin's own config model in ``gateway.registry``. The README and
+each plugin's own config model in ``mailgate.registry``. The README and
 ``docs/policy.md`` describe every key.
 """
 
@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.units import Duration, Size
-from gateway.yamlsource import Document, SourceError
+from mailgate.units import Duration, Size
+from mailgate.yamlsource import Document, SourceError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,7 +77,7 @@ class Certificate(StrictModel):
 
     @model_validator(mode="after")
     def _load(self) -> Certificate:
-        from gateway.tls import server_context  # tls imports nothing from here
+        from mailgate.tls import server_context  # tls imports nothing from here
 
         server_context(self.cert, self.key)  # raises ValueError naming the bad file
         return self
@@ -279,7 +279,7 @@ def _state_shorthand(value: object) -> object:
 
 
 class State(StrictModel):
-    """Where rate-limit and greylist state lives (``gateway.state``).
+    """Where rate-limit and greylist state lives (``mailgate.state``).
 
     ``memory`` (per process) or ``redis://[:password@]host:port/db`` (also
     ``rediss://`` and ``unix://``), shared by every process using that database.

@@ -5,7 +5,7 @@ One message::
     mailgate test -c policy.yaml message.eml --client-ip 203.0.113.9 \\
         --helo mx.example.net --from alice@example.net --to bob@example.com [--json]
 
-prints the stage-by-stage trace (``gateway.testreport``) and exits 0 (accept),
+prints the stage-by-stage trace (``mailgate.testreport``) and exits 0 (accept),
 4 (tempfail) or 5 (reject); 2 for a bad policy or cases file, 1 for other
 errors. Without ``--from``/``--to`` the envelope comes from the From, To and Cc
 headers; without a message file a small valid message is made up.
@@ -19,7 +19,7 @@ A cases file (YAML, checked like a policy, errors as ``FILE:LINE:COL``)::
     defaults:                       # optional: merged under every case
       client_ip: 192.0.2.10
       from: alice@example.net
-    dns:                            # optional: records for every case (gateway.testzone)
+    dns:                            # optional: records for every case (mailgate.testzone)
       example.net: {TXT: "v=spf1 ip4:192.0.2.0/24 -all"}
     cases:
       - name: mail for a local user is delivered
@@ -61,12 +61,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 
-from gateway import dryrun
-from gateway.dryrun import DEFAULT_CLIENT_IP, Request, Trace, as_sent, dry_runtime
-from gateway.policy import StrictModel, validation_messages
-from gateway.testreport import trace_json, trace_lines
-from gateway.testzone import Zone, ZoneServer
-from gateway.yamlsource import SourceError, load_file
+from mailgate import dryrun
+from mailgate.dryrun import DEFAULT_CLIENT_IP, Request, Trace, as_sent, dry_runtime
+from mailgate.policy import StrictModel, validation_messages
+from mailgate.testreport import trace_json, trace_lines
+from mailgate.testzone import Zone, ZoneServer
+from mailgate.yamlsource import SourceError, load_file
 
 EXIT_FAILED = 1
 EXIT_ERROR = 1

@@ -27,8 +27,8 @@ from typing import Protocol
 
 from aiosmtpd.proxy_protocol import get_proxy
 
-from gateway.policy import Listener
-from gateway.verdict import Reply
+from mailgate.policy import Listener
+from mailgate.verdict import Reply
 
 UNTRUSTED = Reply(554, "Connection refused: not a trusted proxy", "5.7.1")
 

@@ -25,10 +25,10 @@ from typing import Any, Literal
 import pluggy
 from pydantic import Field, ValidationError
 
-from gateway import hookspecs
-from gateway.policy import Policy, StrictModel, validation_messages
-from gateway.units import Duration
-from gateway.yamlsource import Document, SourceError
+from mailgate import hookspecs
+from mailgate.policy import Policy, StrictModel, validation_messages
+from mailgate.units import Duration
+from mailgate.yamlsource import Document, SourceError
 
 ENTRY_POINT_GROUP = "mailgate.plugins"
 STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_data")
@@ -78,7 +78,7 @@ class PluginSet:
 
 def builtin_plugins() -> dict[str, type[Any]]:
     """The built-in plugin classes by name."""
-    from plugins import BUILTIN_PLUGINS
+    from mailgate.plugins import BUILTIN_PLUGINS
 
     return {cls.name: cls for cls in BUILTIN_PLUGINS}
 
@@ -136,8 +136,8 @@ def build_plugins(policy: Policy, doc: Document) -> PluginSet:
 
     Raises :class:`SourceError` with every problem found, each with its position.
     """
-    from plugins.auth_results import AuthResults
-    from plugins.relay_access import RelayAccess
+    from mailgate.plugins.auth_results import AuthResults
+    from mailgate.plugins.relay_access import RelayAccess
 
     manager = pluggy.PluginManager("mailgate")
     manager.add_hookspecs(hookspecs)

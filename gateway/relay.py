@@ -15,7 +15,7 @@ first one that is up; one that fails to connect (refused, timed out, bad
 greeting, failed TLS) is marked down for ``down_for`` and skipped while another
 is up. When every server is marked down they are all tried anyway, so a
 marking never refuses mail by itself. ``client_identity`` sends XCLIENT or
-XFORWARD (``gateway.xclient``) before MAIL.
+XFORWARD (``mailgate.xclient``) before MAIL.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Protocol
 
 import aiosmtplib
 
-from gateway.dns import Resolver
-from gateway.lineendings import bare_line_endings, normalize
-from gateway.policy import Upstream as UpstreamConfig
-from gateway.tls import client_context
-from gateway.verdict import Reply
-from gateway.xclient import ClientIdentity, command
+from mailgate.dns import Resolver
+from mailgate.lineendings import bare_line_endings, normalize
+from mailgate.policy import Upstream as UpstreamConfig
+from mailgate.tls import client_context
+from mailgate.verdict import Reply
+from mailgate.xclient import ClientIdentity, command
 
 log = logging.getLogger("mailgate.relay")
 

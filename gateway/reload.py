@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.policy import Policy
+from mailgate.policy import Policy
 
 RESTART_ONLY = ("listen", "workers", "pid_file")
 """Keys read once at start: a reload keeps the old value until the next restart."""

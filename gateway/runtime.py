@@ -12,21 +12,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway import state as state_store
-from gateway.dns import Resolver
-from gateway.maildir import MaildirUpstream
-from gateway.observer import Observers
-from gateway.policy import Policy, parse_policy
-from gateway.policy import Upstream as UpstreamConfig
-from gateway.queue import QueueUpstream
-from gateway.registry import LoadedPlugin, PluginSet, PluginSettings, build_plugins
-from gateway.relay import SmtpUpstream, Upstream
-from gateway.stages import StageRunner
-from gateway.state.memory import MemoryState
-from gateway.yamlsource import Document, load_file
+from mailgate import state as state_store
+from mailgate.dns import Resolver
+from mailgate.maildir import MaildirUpstream
+from mailgate.observer import Observers
+from mailgate.policy import Policy, parse_policy
+from mailgate.policy import Upstream as UpstreamConfig
+from mailgate.queue import QueueUpstream
+from mailgate.registry import LoadedPlugin, PluginSet, PluginSettings, build_plugins
+from mailgate.relay import SmtpUpstream, Upstream
+from mailgate.stages import StageRunner
+from mailgate.state.memory import MemoryState
+from mailgate.yamlsource import Document, load_file
 
 if TYPE_CHECKING:
-    from gateway.session import SmtpSession
+    from mailgate.session import SmtpSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class StartupContext:
     hostname: str
     dns: Resolver
     state: state_store.StateBackend = field(default_factory=MemoryState)
-    """The rate-limit and greylist store (``gateway.state``), one per process and config."""
+    """The rate-limit and greylist store (``mailgate.state``), one per process and config."""
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
 
     def settings_of(self, plugin: object) -> PluginSettings:

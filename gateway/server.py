@@ -20,11 +20,11 @@ import contextlib
 import logging
 import signal
 
-from gateway.listener import start_listeners
-from gateway.logformat import configure_logging
-from gateway.metrics import Metrics, MetricsServer
-from gateway.reload import changed_keys, restart_only
-from gateway.runtime import Runtime
+from mailgate.listener import start_listeners
+from mailgate.logformat import configure_logging
+from mailgate.metrics import Metrics, MetricsServer
+from mailgate.reload import changed_keys, restart_only
+from mailgate.runtime import Runtime
 
 log = logging.getLogger("mailgate")
 

@@ -1,7 +1,7 @@
 """One client connection: SMTP commands -> stage hooks -> verdict -> relay.
 
 ``SmtpSession`` holds the state of a single connection (the listener builds one
-per accepted socket, beside its ``gateway.smtpserver.SmtpServer``). The
+per accepted socket, beside its ``mailgate.smtpserver.SmtpServer``). The
 server calls one method per command that passed its syntax and state checks
 (:meth:`SmtpSession.helo`, :meth:`~SmtpSession.mail`, ...); each runs the stage's
 hooks through the runtime's stage runner; when the stage lets the command
@@ -19,15 +19,15 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from gateway.context import Envelope, Message, Scorecard, Session, VerdictRecord
-from gateway.decisionlog import log_connection, log_transaction
-from gateway.lineendings import screen
-from gateway.observer import ObservedTransaction
-from gateway.relay import UpstreamTransaction
-from gateway.rewrite import strip_headers
-from gateway.runtime import Runtime
-from gateway.verdict import Reply
-from gateway.xclient import ClientIdentity
+from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecord
+from mailgate.decisionlog import log_connection, log_transaction
+from mailgate.lineendings import screen
+from mailgate.observer import ObservedTransaction
+from mailgate.relay import UpstreamTransaction
+from mailgate.rewrite import strip_headers
+from mailgate.runtime import Runtime
+from mailgate.verdict import Reply
+from mailgate.xclient import ClientIdentity
 
 log = logging.getLogger("mailgate.session")
 
@@ -198,7 +198,7 @@ class SmtpSession:
         assert self.session is not None and self.txn is not None
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
         assert upstream is not None
-        # Bare CR/LF and NUL are settled before any plugin sees the bytes (gateway.lineendings).
+        # Bare CR/LF and NUL are settled before any plugin sees the bytes (mailgate.lineendings).
         screened = screen(raw, self.rt.policy.protocol.line_endings_for(self.session.client_ip))
         env.card.verdicts.extend(screened.records)
         if screened.reply is not None:

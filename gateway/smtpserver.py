@@ -4,7 +4,7 @@
 one buffer, takes command lines and the DATA block out of it, checks each
 command's syntax and state (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
 SMTPUTF8 and STARTTLS) and hands what passes to the connection's
-:class:`~gateway.session.SmtpSession`, which runs the hooks and the relay. Every
+:class:`~mailgate.session.SmtpSession`, which runs the hooks and the relay. Every
 reply carries an RFC 3463 enhanced status code.
 
 The limits a public MX needs, and the reply each gives (``docs/protocol.md``
@@ -56,14 +56,14 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from gateway.admission import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, ConnectionCounter
-from gateway.context import IPAddress, VerdictRecord
-from gateway.decisionlog import format_fields, log_connection
-from gateway.policy import Listener, Policy
-from gateway.proxyproto import ProxyRefused, peer_ip, real_client
-from gateway.session import SmtpSession
-from gateway.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
-from gateway.verdict import Reply
+from mailgate.admission import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, ConnectionCounter
+from mailgate.context import IPAddress, VerdictRecord
+from mailgate.decisionlog import format_fields, log_connection
+from mailgate.policy import Listener, Policy
+from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
+from mailgate.session import SmtpSession
+from mailgate.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
+from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.smtp")
 # Connections refused before a session exists get their decision line here.
@@ -772,7 +772,7 @@ _background: set[asyncio.Task[None]] = set()
 
 
 class _ProxyReader:
-    """The reads of ``gateway.proxyproto.ByteReader``, served from the connection's buffer."""
+    """The reads of ``mailgate.proxyproto.ByteReader``, served from the connection's buffer."""
 
     def __init__(self, server: SmtpServer) -> None:
         self.server = server

@@ -15,7 +15,7 @@ policy order (``tryfirst``/``trylast`` respected):
   mode it is only logged), so no mail passes a filter that did not run.
 
 Each stage's outcome and duration, and each plugin failure, are reported to
-the runtime's observers (``gateway.observer``: metrics, ``mailgate test``).
+the runtime's observers (``mailgate.observer``: metrics, ``mailgate test``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.context import Scorecard, VerdictRecord
-from gateway.observer import Observer
-from gateway.registry import EVENTS, STAGES, PluginSet, PluginSettings
-from gateway.verdict import Action, Reply, Verdict
+from mailgate.context import Scorecard, VerdictRecord
+from mailgate.observer import Observer
+from mailgate.registry import EVENTS, STAGES, PluginSet, PluginSettings
+from mailgate.verdict import Action, Reply, Verdict
 
 log = logging.getLogger("mailgate.plugins")
 

@@ -4,7 +4,7 @@ Shipped with mailgate so that plugin authors test the way mailgate tests
 itself: a real gateway built from a policy, in front of a real recording
 upstream, spoken to with the standard library's ``smtplib``::
 
-    from gateway.testing import gateway_harness
+    from mailgate.testing import gateway_harness
 
     def test_my_plugin(tmp_path):
         policy = {"plugins": {"mine": {"module": "mypkg:MyPlugin"}}}
@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope
 
-from gateway.runtime import Runtime
-from gateway.server import Gateway
-from gateway.yamlsource import load
+from mailgate.runtime import Runtime
+from mailgate.server import Gateway
+from mailgate.yamlsource import load
 
 T = TypeVar("T")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.context import VerdictRecord
-from gateway.decisionlog import format_fields
-from gateway.dryrun import Trace
+from mailgate.context import VerdictRecord
+from mailgate.decisionlog import format_fields
+from mailgate.dryrun import Trace
 
 COMMAND_WIDTH = 36
 

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gateway.rewrite import HeaderStrip
+from mailgate.rewrite import HeaderStrip
 
 
 class Action(enum.Enum):
@@ -108,7 +108,7 @@ class Verdict:
         """Add ``score`` to the message's total and ``headers`` to the relayed message.
 
         ``strip`` names header fields to remove from the relayed message (see
-        :mod:`gateway.rewrite`); it applies to tags given from ``on_mail`` to ``on_data``.
+        :mod:`mailgate.rewrite`); it applies to tags given from ``on_mail`` to ``on_data``.
         """
         return cls(
             Action.TAG,

@@ -32,8 +32,8 @@ from typing import Any
 
 import dns.reversename
 
-from gateway.context import IPAddress, Session
-from gateway.dns import DnsTempError, Resolver
+from mailgate.context import IPAddress, Session
+from mailgate.dns import DnsTempError, Resolver
 
 UNAVAILABLE = "[UNAVAILABLE]"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"

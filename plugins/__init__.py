@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugins.arc import Arc
-from plugins.dkim import Dkim
-from plugins.dmarc import Dmarc
-from plugins.dnsbl import Dnsbl
-from plugins.greylist import Greylist
-from plugins.headers import Headers
-from plugins.helo import Helo
-from plugins.ratelimit import RateLimit
-from plugins.spf import Spf
+from mailgate.plugins.arc import Arc
+from mailgate.plugins.dkim import Dkim
+from mailgate.plugins.dmarc import Dmarc
+from mailgate.plugins.dnsbl import Dnsbl
+from mailgate.plugins.greylist import Greylist
+from mailgate.plugins.headers import Headers
+from mailgate.plugins.helo import Helo
+from mailgate.plugins.ratelimit import RateLimit
+from mailgate.plugins.spf import Spf
 
 BUILTIN_PLUGINS: tuple[type[Any], ...] = (
     Dnsbl,

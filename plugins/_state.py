@@ -1,4 +1,4 @@
-"""Helpers shared by the plugins that keep state in ``gateway.state`` (ratelimit, greylist).
+"""Helpers shared by the plugins that keep state in ``mailgate.state`` (ratelimit, greylist).
 
 Not a plugin. It holds what those plugins must do alike: the replies for each
 stage, client networks as keys, and the ``on_error`` policy for a state backend
@@ -14,9 +14,9 @@ import logging
 import time
 from typing import Literal
 
-from gateway.context import IPAddress
-from gateway.state import StateError
-from gateway.verdict import Verdict
+from mailgate.context import IPAddress
+from mailgate.state import StateError
+from mailgate.verdict import Verdict
 
 OnError = Literal["tempfail", "allow"]
 Stage = Literal["connect", "helo", "mail", "rcpt", "data"]

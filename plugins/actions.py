@@ -28,9 +28,9 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-from gateway.decisionlog import format_fields
-from gateway.registry import Mode, PluginConfig
-from gateway.verdict import Verdict
+from mailgate.decisionlog import format_fields
+from mailgate.registry import Mode, PluginConfig
+from mailgate.verdict import Verdict
 
 Action = Literal["reject", "tag", "monitor", "off"]
 

@@ -25,7 +25,7 @@ Rule ids (tags, no score; nothing is refused on ARC alone):
 
 Config: none of its own.
 
-Publishes ``envelope.results["arc"]``, a ``gateway.authresults.ArcResult``
+Publishes ``envelope.results["arc"]``, a ``mailgate.authresults.ArcResult``
 with the sealers (ARC-Seal ``d=``) from instance 1 up.
 """
 
@@ -36,13 +36,13 @@ import logging
 
 import dkim
 
-from gateway.authresults import ARC, ArcResult
-from gateway.context import Envelope, Message, Session
-from gateway.dns import Resolver
-from gateway.dnsadapters import KeyTempError, fetch_keys, key_lookup, signature_key_name
-from gateway.hookspecs import hookimpl
-from gateway.runtime import StartupContext
-from gateway.verdict import Verdict
+from mailgate.authresults import ARC, ArcResult
+from mailgate.context import Envelope, Message, Session
+from mailgate.dns import Resolver
+from mailgate.dnsadapters import KeyTempError, fetch_keys, key_lookup, signature_key_name
+from mailgate.hookspecs import hookimpl
+from mailgate.runtime import StartupContext
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.arc")
 

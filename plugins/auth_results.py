@@ -26,12 +26,12 @@ Rule ids (tags, no score):
 
 from __future__ import annotations
 
-from gateway.authresults import authserv_id, header_value
-from gateway.context import Envelope, Message
-from gateway.hookspecs import hookimpl
-from gateway.policy import Policy
-from gateway.rewrite import HeaderStrip, header_fields
-from gateway.verdict import Verdict
+from mailgate.authresults import authserv_id, header_value
+from mailgate.context import Envelope, Message
+from mailgate.hookspecs import hookimpl
+from mailgate.policy import Policy
+from mailgate.rewrite import HeaderStrip, header_fields
+from mailgate.verdict import Verdict
 
 HEADER = "Authentication-Results"
 

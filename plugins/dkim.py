@@ -54,7 +54,7 @@ Config:
 ==================  ===========  ==============================================
 
 Publishes ``envelope.results["dkim"]``: a tuple of
-``gateway.authresults.DkimResult``, one per signature checked (empty when
+``mailgate.authresults.DkimResult``, one per signature checked (empty when
 the message is not signed).
 """
 
@@ -75,15 +75,15 @@ from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 from pydantic import Field
 
-from gateway.authresults import DKIM, DkimResult
-from gateway.context import Envelope, Message, Session
-from gateway.dns import Resolver
-from gateway.dnsadapters import KeyRecord, fetch_keys, signature_key_name
-from gateway.hookspecs import hookimpl
-from gateway.policy import StrictModel
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.verdict import Verdict
+from mailgate.authresults import DKIM, DkimResult
+from mailgate.context import Envelope, Message, Session
+from mailgate.dns import Resolver
+from mailgate.dnsadapters import KeyRecord, fetch_keys, signature_key_name
+from mailgate.hookspecs import hookimpl
+from mailgate.policy import StrictModel
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.dkim")
 

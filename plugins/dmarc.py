@@ -47,7 +47,7 @@ Config:
                                     excuse a DMARC failure
 =======================  =========  ============================================
 
-Publishes ``envelope.results["dmarc"]``, a ``gateway.authresults.DmarcResult``.
+Publishes ``envelope.results["dmarc"]``, a ``mailgate.authresults.DmarcResult``.
 """
 
 from __future__ import annotations
@@ -62,14 +62,14 @@ from typing import Literal
 from publicsuffixlist import PublicSuffixList
 from pydantic import Field
 
-from gateway.authresults import ARC, DKIM, DMARC, SPF, ArcResult, DmarcResult, SpfResult
-from gateway.context import Envelope, Message, Session
-from gateway.dns import DnsTempError, Resolver
-from gateway.hookspecs import hookimpl
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.verdict import Verdict
-from plugins.arc import verify_arc
+from mailgate.authresults import ARC, DKIM, DMARC, SPF, ArcResult, DmarcResult, SpfResult
+from mailgate.context import Envelope, Message, Session
+from mailgate.dns import DnsTempError, Resolver
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins.arc import verify_arc
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.dmarc")
 

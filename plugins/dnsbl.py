@@ -57,15 +57,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.context import Envelope, IPAddress, Session
-from gateway.dns import DnsTempError, Resolver
-from gateway.hookspecs import hookimpl
-from gateway.policy import NetworkField
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.units import Duration
-from gateway.verdict import Verdict
-from plugins._state import refusal
+from mailgate.context import Envelope, IPAddress, Session
+from mailgate.dns import DnsTempError, Resolver
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins._state import refusal
+from mailgate.policy import NetworkField
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.units import Duration
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins")
 

@@ -45,15 +45,15 @@ import math
 
 from pydantic import Field, model_validator
 
-from gateway.context import Envelope, Session
-from gateway.hookspecs import hookimpl
-from gateway.policy import NetworkField
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.state import StateBackend, StateError, hashed
-from gateway.units import Duration
-from gateway.verdict import Verdict
-from plugins._state import OnError, StateErrors, client_network, refusal
+from mailgate.context import Envelope, Session
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins._state import OnError, StateErrors, client_network, refusal
+from mailgate.policy import NetworkField
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.state import StateBackend, StateError, hashed
+from mailgate.units import Duration
+from mailgate.verdict import Verdict
 
 RESULT = "greylist"
 

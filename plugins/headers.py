@@ -3,7 +3,7 @@
 Hook: ``on_data``. It reads ``message.raw`` from the first byte to the empty
 line that ends the header section (no further than ``max_header_size``), so
 its cost is bounded whatever the message size. The core has already refused
-or normalised bare CR/LF and NUL (``gateway.lineendings``), so lines are CRLF.
+or normalised bare CR/LF and NUL (``mailgate.lineendings``), so lines are CRLF.
 
 A header section may end at the end of the message without an empty line
 (a message without a body is valid). A line in the header section that is not
@@ -13,7 +13,7 @@ disagreement is what header smuggling feeds on. Obsolete syntax that RFC 5322
 §4 says receivers must accept (white space before the colon) is accepted.
 
 Rule ids (action defaults; each overridable under ``rules:``, see
-``plugins.actions``). Rejects answer ``550 5.6.0 <fault>``:
+``mailgate.plugins.actions``). Rejects answer ``550 5.6.0 <fault>``:
 
 =============================  ========  ===============================================
 ``headers.missing_<name>``     reject    a ``require`` header is absent (From, Date);
@@ -68,13 +68,13 @@ from datetime import UTC, datetime
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.context import Envelope, Message
-from gateway.hookspecs import hookimpl
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.units import Duration, Size
-from gateway.verdict import Verdict
-from plugins.actions import Fault, Rule, RuleBook, RuleField
+from mailgate.context import Envelope, Message
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins.actions import Fault, Rule, RuleBook, RuleField
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.units import Duration, Size
+from mailgate.verdict import Verdict
 
 SINGLETONS = [
     "Date", "From", "Sender", "Reply-To", "To", "Cc", "Bcc",

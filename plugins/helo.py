@@ -7,7 +7,7 @@ Underscores are accepted in names, as many Windows hosts use them. Clients in
 applies to every transaction of the connection; a reject refuses the greeting
 (the client may greet again).
 
-Rule ids (action defaults; each overridable under ``rules:``, see ``plugins.actions``):
+Rule ids (action defaults; each overridable under ``rules:``, see ``mailgate.plugins.actions``):
 
 =====================  ======  ================================================  ============
 ``helo.bad_syntax``    reject  neither a domain nor an address literal           ``501 5.5.2``
@@ -39,12 +39,12 @@ import re
 
 from pydantic import Field, field_validator
 
-from gateway.context import IPAddress, Session
-from gateway.hookspecs import hookimpl
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.verdict import Verdict
-from plugins.actions import Fault, Rule, RuleBook, RuleField
+from mailgate.context import IPAddress, Session
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins.actions import Fault, Rule, RuleBook, RuleField
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.verdict import Verdict
 
 RULES = [
     Rule("helo.bad_syntax", "reject", code=501, status="5.5.2"),

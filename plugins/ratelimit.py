@@ -72,15 +72,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway.context import Envelope, Session
-from gateway.hookspecs import hookimpl
-from gateway.policy import Network, NetworkField
-from gateway.registry import PluginConfig, PluginSettings
-from gateway.runtime import StartupContext
-from gateway.state import StateBackend, StateError, hashed
-from gateway.units import RateField
-from gateway.verdict import Verdict
-from plugins._state import OnError, Stage, StateErrors, client_network, refusal
+from mailgate.context import Envelope, Session
+from mailgate.hookspecs import hookimpl
+from mailgate.plugins._state import OnError, Stage, StateErrors, client_network, refusal
+from mailgate.policy import Network, NetworkField
+from mailgate.registry import PluginConfig, PluginSettings
+from mailgate.runtime import StartupContext
+from mailgate.state import StateBackend, StateError, hashed
+from mailgate.units import RateField
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins")
 

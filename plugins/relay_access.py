@@ -19,10 +19,10 @@ the top of the policy. It is always loaded and cannot be turned off.
 
 from __future__ import annotations
 
-from gateway.context import Session
-from gateway.hookspecs import hookimpl
-from gateway.policy import Policy
-from gateway.verdict import Verdict
+from mailgate.context import Session
+from mailgate.hookspecs import hookimpl
+from mailgate.policy import Policy
+from mailgate.verdict import Verdict
 
 
 class RelayAccess:

@@ -3,7 +3,7 @@
 Hooks: ``on_startup`` (binds pyspf to the gateway's resolver), ``on_mail``
 (starts the check) and ``on_data`` (records it). pyspf runs in this plugin's
 own thread pool, never on the event loop, and resolves through the shared
-resolver (absolute names, shared TTL cache; see ``gateway.dnsadapters``).
+resolver (absolute names, shared TTL cache; see ``mailgate.dnsadapters``).
 
 The check starts at MAIL FROM. When every result only tags (the default),
 the gateway does not wait for it there: DNS runs while the client sends RCPT
@@ -48,7 +48,7 @@ operator says so):
 ``threads``       ``16``      worker threads for pyspf (its DNS waits block a thread)
 ================  ==========  ================================================
 
-Publishes ``envelope.results["spf"]``, a ``gateway.authresults.SpfResult``
+Publishes ``envelope.results["spf"]``, a ``mailgate.authresults.SpfResult``
 (as soon as it is known: at MAIL when the check was awaited there, else at DATA).
 """
 
@@ -65,15 +65,15 @@ from typing import Literal
 import spf
 from pydantic import Field
 
-from gateway.authresults import SPF, SpfResult
-from gateway.context import Envelope, Session
-from gateway.dns import Resolver
-from gateway.dnsadapters import bound_resolver, install_spf_lookup
-from gateway.hookspecs import hookimpl
-from gateway.registry import PluginConfig
-from gateway.runtime import StartupContext
-from gateway.units import Duration
-from gateway.verdict import Verdict
+from mailgate.authresults import SPF, SpfResult
+from mailgate.context import Envelope, Session
+from mailgate.dns import Resolver
+from mailgate.dnsadapters import bound_resolver, install_spf_lookup
+from mailgate.hookspecs import hookimpl
+from mailgate.registry import PluginConfig
+from mailgate.runtime import StartupContext
+from mailgate.units import Duration
+from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.spf")
 

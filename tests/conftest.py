@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.logformat import HANDLER_NAME
+from mailgate.logformat import HANDLER_NAME
 from tests.dnsserver import LoopbackDnsServer
 from tests.redis_support import redis_server  # noqa: F401 - fixture for the Redis state tests
 from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy

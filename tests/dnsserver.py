@@ -1,4 +1,4 @@
-"""A real DNS server on loopback that serves per-test zones: ``gateway.testzone`` in a thread.
+"""A real DNS server on loopback that serves per-test zones: ``mailgate.testzone`` in a thread.
 
 Usage in a test (through the ``dns_server`` fixture in conftest.py)::
 
@@ -30,7 +30,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.SPF
 import dns.rdtypes.ANY.TXT
 
-from gateway.testzone import Zone, ZoneServer
+from mailgate.testzone import Zone, ZoneServer
 
 TTL = 300
 
@@ -71,7 +71,7 @@ class RecordingZone(Zone):
 
 
 class LoopbackDnsServer:
-    """A :class:`gateway.testzone.ZoneServer` on 127.0.0.1 with an editable zone."""
+    """A :class:`mailgate.testzone.ZoneServer` on 127.0.0.1 with an editable zone."""
 
     def __init__(self, zone: RecordingZone | None = None) -> None:
         self.zone = zone or RecordingZone()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from gateway import Envelope, PluginConfig, StartupContext, Verdict, hookimpl
-from gateway.dns import DnsTempError, Resolver
+from mailgate import Envelope, PluginConfig, StartupContext, Verdict, hookimpl
+from mailgate.dns import DnsTempError, Resolver
 
 
 class RuleConfig(PluginConfig):

@@ -61,7 +61,7 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
 def mailgate(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``python -m gateway ARGS`` in the repository and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [sys.executable, "-m", "mailgate", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -78,7 +78,7 @@ class GatewayProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(policy), *extra],
+            [sys.executable, "-m", "mailgate", "run", "-c", str(policy), *extra],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
-"""The test suite's harness is the one mailgate ships for plugin authors: gateway.testing."""
+"""The test suite's harness is the one mailgate ships for plugin authors: mailgate.testing."""
 
-from gateway.testing import (
+from mailgate.testing import (
     MESSAGE,
     Harness,
     LoopThread,

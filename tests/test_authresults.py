@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.authresults import (
+from mailgate.authresults import (
     ArcResult,
     DkimResult,
     DmarcResult,
@@ -12,8 +12,8 @@ from gateway.authresults import (
     authserv_id,
     header_value,
 )
-from gateway.rewrite import HeaderStrip, strip_headers
-from gateway.runtime import Runtime
+from mailgate.rewrite import HeaderStrip, strip_headers
+from mailgate.runtime import Runtime
 from tests.authsupport import ar_clauses, header_values, make_message, publish, rsa_key, sign
 
 FORGED = (

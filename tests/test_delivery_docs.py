@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import Listener, Queue, Upstream
+from mailgate.policy import Listener, Queue, Upstream
 
 POLICY_DOC = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
 

@@ -6,7 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
-from gateway import hookspecs
+from mailgate import hookspecs
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -35,7 +35,7 @@ def test_every_hook_has_a_docstring():
 
 
 def test_every_builtin_plugin_has_a_docs_page_and_a_man_page():
-    from plugins import BUILTIN_PLUGINS
+    from mailgate.plugins import BUILTIN_PLUGINS
 
     for cls in BUILTIN_PLUGINS:
         assert (DOCS / "plugins" / f"{cls.name}.md").is_file(), cls.name

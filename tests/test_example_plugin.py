@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.testing import MESSAGE, gateway_harness
+from mailgate.testing import MESSAGE, gateway_harness
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "invoice_guard"
 INVOICE = MESSAGE.replace(b"Subject: hello", b"Subject: Overdue invoice payment")
@@ -59,7 +59,7 @@ def test_example_plugin_loads_by_dotted_path_and_check_reports_it(installed_exam
     )
     env_path = f"{installed_example}"
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "check", "-c", str(policy)],
+        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -104,7 +104,7 @@ def test_greeting_refusal_counts_as_down(make_gateway, upstream, backup, loop_th
 
 
 def test_failover_must_list_smtp_servers(tmp_path, capsys):
-    from gateway.cli import main as mailgate
+    from mailgate.cli import main as mailgate
 
     policy = tmp_path / "p.yaml"
     policy.write_text("upstream:\n  url: smtp://127.0.0.1:25\n  failover: [maildir:./x]\n")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.headers import (
+from mailgate.plugins.headers import (
     _SIMPLE_MAILBOX,
     HeadersConfig,
     _mailboxes,

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from gateway.cli import main as mailgate
+from mailgate.cli import main as mailgate
 from tests.support import MESSAGE
 from tests.tlscerts import Certs
 

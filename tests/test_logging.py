@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from gateway.logformat import JsonFormatter
+from mailgate.logformat import JsonFormatter
 from tests.ops_support import GatewayProcess, wait_until
 from tests.support import MESSAGE
 

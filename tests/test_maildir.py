@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.testing import MESSAGE
+from mailgate.testing import MESSAGE
 
 ROOT = Path(__file__).parent.parent
 
@@ -50,7 +50,7 @@ def test_default_policy_runs_and_delivers_into_mail_folder(tmp_path):
     assert f"127.0.0.1:{port}" in policy
     (tmp_path / "policy.yaml").write_text(policy)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", "policy.yaml"],
+        [sys.executable, "-m", "mailgate", "run", "-c", "policy.yaml"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.metrics import Metrics
+from mailgate.metrics import Metrics
 from tests.ops_support import http_get, sample, scrape, wait_until
 from tests.support import MESSAGE
 

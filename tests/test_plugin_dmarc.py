@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.dmarc import aligned, organizational_domain, parse_record
+from mailgate.plugins.dmarc import aligned, organizational_domain, parse_record
 from tests.authsupport import (
     ar_clauses,
     arc_seal,

@@ -7,8 +7,8 @@ import smtplib
 
 import pytest
 
-from gateway.yamlsource import SourceError
-from plugins.dnsbl import Site, query_name
+from mailgate.plugins.dnsbl import Site, query_name
+from mailgate.yamlsource import SourceError
 from tests.support import MESSAGE
 
 CLIENT = "1.0.0.127"  # 127.0.0.1 reversed, as DNS lists are asked

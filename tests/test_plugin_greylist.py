@@ -80,7 +80,7 @@ def test_spf_pass_bypasses_greylisting_for_listed_domains(make_gateway, dns_serv
         dns={"nameservers": [dns_server.address]},
         plugins={
             # fail: reject makes spf decide (and publish its result) at MAIL FROM.
-            "spf": {"module": "plugins.spf:Spf", "fail": "reject"},
+            "spf": {"module": "mailgate.plugins.spf:Spf", "fail": "reject"},
             "greylist": {"delay": "1h", "spf_bypass": ["EXAMPLE.NET"]},
         },
     )
@@ -89,7 +89,7 @@ def test_spf_pass_bypasses_greylisting_for_listed_domains(make_gateway, dns_serv
 
 
 def test_invalid_windows_are_policy_errors(make_gateway):
-    from gateway.yamlsource import SourceError
+    from mailgate.yamlsource import SourceError
 
     with pytest.raises(SourceError) as err:
         make_gateway(plugins={"greylist": {"delay": "1h", "retry_window": "30m"}})

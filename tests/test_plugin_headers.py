@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.runtime import Runtime
-from gateway.yamlsource import SourceError, load
-from plugins.actions import Fault, RuleSetting
-from plugins.headers import HeadersConfig, check_headers, rulebook
+from mailgate.plugins.actions import Fault, RuleSetting
+from mailgate.plugins.headers import HeadersConfig, check_headers, rulebook
+from mailgate.runtime import Runtime
+from mailgate.yamlsource import SourceError, load
 from tests.rawsmtp import RawClient
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from plugins.helo import check_helo
+from mailgate.plugins.helo import check_helo
 from tests.rawsmtp import RawClient
 from tests.support import MESSAGE
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.context import Envelope, Session
-from gateway.yamlsource import SourceError
-from plugins.ratelimit import RateLimitConfig, _CompiledRule
+from mailgate.context import Envelope, Session
+from mailgate.plugins.ratelimit import RateLimitConfig, _CompiledRule
+from mailgate.yamlsource import SourceError
 from tests.redis_support import RedisServer
 from tests.support import MESSAGE
 
@@ -309,7 +309,7 @@ def test_connections_per_helo_name_are_counted_at_ehlo(make_gateway):
 
 
 def test_the_example_policy_is_valid():
-    from gateway.runtime import Runtime
+    from mailgate.runtime import Runtime
 
     runtime = Runtime.load(str(Path(__file__).parent.parent / "policies/examples/ratelimit.yaml"))
     assert runtime.policy.workers == 4

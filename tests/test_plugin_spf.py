@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from gateway.dns import Resolver
-from gateway.dnsadapters import install_spf_lookup
-from gateway.policy import Dns
-from plugins.spf import check_spf
+from mailgate.dns import Resolver
+from mailgate.dnsadapters import install_spf_lookup
+from mailgate.plugins.spf import check_spf
+from mailgate.policy import Dns
 from tests.authsupport import ar_clauses, header_values, make_message
 
 CLIENT = "192.0.2.10"

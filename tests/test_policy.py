@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import parse_policy
-from gateway.registry import build_plugins
-from gateway.units import Rate, parse_duration, parse_rate, parse_size
-from gateway.yamlsource import SourceError, load
+from mailgate.policy import parse_policy
+from mailgate.registry import build_plugins
+from mailgate.units import Rate, parse_duration, parse_rate, parse_size
+from mailgate.yamlsource import SourceError, load
 
 
 def errors_of(text: str) -> list[str]:
@@ -23,7 +23,7 @@ def errors_of(text: str) -> list[str]:
 
 def mailgate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [sys.executable, "-m", "mailgate", *args],
         capture_output=True,
         text=True,
         timeout=60,

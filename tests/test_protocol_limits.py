@@ -11,8 +11,8 @@ import select
 import time
 from pathlib import Path
 
-from gateway.policy import Policy
-from gateway.yamlsource import load
+from mailgate.policy import Policy
+from mailgate.yamlsource import load
 from tests.rawsmtp import RawClient, wait_for
 from tests.support import MESSAGE
 

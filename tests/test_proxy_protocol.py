@@ -129,7 +129,7 @@ def test_missing_header_times_out_without_a_banner(make_gateway):
 
 
 def test_proxy_protocol_needs_trusted_proxies(tmp_path, capsys):
-    from gateway.cli import main as mailgate
+    from mailgate.cli import main as mailgate
 
     policy = tmp_path / "p.yaml"
     policy.write_text("listen:\n  - address: 127.0.0.1:2525\n    proxy_protocol: true\n")

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from gateway.cli import main as mailgate
-from gateway.queue import route_key
-from gateway.queue.delivery import backoff
+from mailgate.cli import main as mailgate
+from mailgate.queue import route_key
+from mailgate.queue.delivery import backoff
 from tests.ops_support import wait_until
 from tests.support import MESSAGE, LoopThread, RecordingUpstream
 from tests.upstreams import XclientUpstream
@@ -303,7 +303,7 @@ def test_spool_write_failure_gives_4xx(make_gateway, upstream, queue_policy, spo
 
 def test_a_failed_store_leaves_no_envelope_behind(tmp_path, monkeypatch):
     """Unit test: the folder fsync fails after the envelope's rename (the commit point)."""
-    from gateway.queue import spool as spool_module
+    from mailgate.queue import spool as spool_module
 
     store = spool_module.Spool(str(tmp_path / "spool"))
     store.prepare()
@@ -323,7 +323,7 @@ def test_a_failed_store_leaves_no_envelope_behind(tmp_path, monkeypatch):
 
 def test_a_stray_file_in_the_queue_folder_does_not_stop_the_start(tmp_path):
     """Unit test: ``prepare`` used to raise ValueError (not a queue id) for ``notes.msg``."""
-    from gateway.queue.spool import Spool
+    from mailgate.queue.spool import Spool
 
     store = Spool(str(tmp_path / "spool"))
     store.prepare()
@@ -345,7 +345,7 @@ class _Gateway:
         self.handle = log.open("ab")
         offset = log.stat().st_size if log.exists() else 0
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(policy)],
+            [sys.executable, "-m", "mailgate", "run", "-c", str(policy)],
             cwd=ROOT,
             stdout=self.handle,
             stderr=subprocess.STDOUT,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.policy import Policy
-from gateway.reload import changed_keys, restart_only
+from mailgate.policy import Policy
+from mailgate.reload import changed_keys, restart_only
 from tests.ops_support import GatewayProcess, mailgate, wait_until
 from tests.support import MESSAGE, RecordingUpstream
 

@@ -1,4 +1,4 @@
-"""The listener's SMTP server (``gateway.smtpserver``) over real sockets: DATA, pipelining, EOF.
+"""The listener's SMTP server (``mailgate.smtpserver``) over real sockets: DATA, pipelining, EOF.
 
 Raw SMTP to a gateway on 127.0.0.1:0 (``tests.rawsmtp``) in front of the
 recording upstream, for what ``test_protocol_limits``, ``test_smuggling`` and
@@ -17,9 +17,9 @@ import threading
 
 import pytest
 
-from gateway.policy import Limits, Listener, Policy
-from gateway.smtpserver import MESSAGE_TOO_BIG, SmtpServer
-from gateway.verdict import Reply
+from mailgate.policy import Limits, Listener, Policy
+from mailgate.smtpserver import MESSAGE_TOO_BIG, SmtpServer
+from mailgate.verdict import Reply
 from tests.rawsmtp import RawClient, wait_for
 from tests.support import Received
 from tests.test_proxy_protocol import v1, v2

@@ -4,7 +4,7 @@
 expression and everything else with Python's RFC 5322 parser, as aiosmtpd
 did. The property tests compare its answers with aiosmtpd's own
 ``SMTP._getaddr`` and ``SMTP._getparams`` (what the listener ran before
-``gateway.smtpserver``), and ``longest_line_over`` and ``unstuff`` with naive
+``mailgate.smtpserver``), and ``longest_line_over`` and ``unstuff`` with naive
 split-based versions. Where parse_path deliberately differs from aiosmtpd
 (it refuses RFC 2047 encoded words instead of decoding them), the comparison
 skips the input and a test of its own says what it does.
@@ -22,8 +22,8 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.smtpserver import longest_line_over, unstuff
-from gateway.smtpsyntax import (
+from mailgate.smtpserver import longest_line_over, unstuff
+from mailgate.smtpsyntax import (
     _PLAIN_PATH,
     ParameterError,
     body_type_ok,

@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import pytest
 
-from gateway.context import Message
-from gateway.hookspecs import hookimpl
+from mailgate.context import Message
+from mailgate.hookspecs import hookimpl
 from tests.rawsmtp import RawClient, wait_for
 from tests.support import LoopThread
 from tests.tlscerts import Certs

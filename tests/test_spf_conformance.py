@@ -1,7 +1,7 @@
 """The RFC 7208 conformance suite (openspf.org), run through our SPF code path.
 
 Each scenario's zone is served by a real DNS server on loopback; each test
-runs ``plugins.spf.check_spf``, the function the plugin runs: our pyspf
+runs ``mailgate.plugins.spf.check_spf``, the function the plugin runs: our pyspf
 ``DNSLookup`` adapter, the shared resolver with its cache, then pyspf.
 
 The suite lives in ``../shared/conformance/spf/rfc7208-tests.yml`` relative
@@ -25,10 +25,10 @@ import dns.rdatatype
 import pytest
 import yaml
 
-from gateway.dns import Resolver
-from gateway.dnsadapters import install_spf_lookup
-from gateway.policy import Dns
-from plugins.spf import check_spf
+from mailgate.dns import Resolver
+from mailgate.dnsadapters import install_spf_lookup
+from mailgate.plugins.spf import check_spf
+from mailgate.policy import Dns
 from tests.dnsserver import LoopbackDnsServer, RecordingZone
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "spf" / "rfc7208-tests.yml"

@@ -1,4 +1,4 @@
-"""gateway.state: the GCRA and greylist checks, on the memory backend and on a real Redis."""
+"""mailgate.state: the GCRA and greylist checks, on the memory backend and on a real Redis."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import state as state_store
-from gateway.policy import State
-from gateway.runtime import Runtime
-from gateway.state import GreylistStatus, StateBackend, StateError
-from gateway.state.memory import SWEEP_INTERVAL, MemoryState
-from gateway.state.redis import RedisState, redact
-from gateway.yamlsource import SourceError, load
+from mailgate import state as state_store
+from mailgate.policy import State
+from mailgate.runtime import Runtime
+from mailgate.state import GreylistStatus, StateBackend, StateError
+from mailgate.state.memory import SWEEP_INTERVAL, MemoryState
+from mailgate.state.redis import RedisState, redact
+from mailgate.yamlsource import SourceError, load
 from tests.redis_support import RedisServer, free_port
 
 

@@ -27,7 +27,7 @@ class MailgateProcess:
         self.log = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(policy)],
+                [sys.executable, "-m", "mailgate", "run", "-c", str(policy)],
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -134,7 +134,7 @@ def test_a_dead_worker_is_restarted_and_sigterm_stops_them_all(two_workers):
 def test_workers_need_fixed_ports(tmp_path: Path):
     policy = write_policy(tmp_path / "p.yaml", {"upstream": "smtp://127.0.0.1:2600", "workers": 2})
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "check", "-c", str(policy)],
+        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from gateway.testing import LoopThread, RecordingUpstream, _RecordingHandler
+from mailgate.testing import LoopThread, RecordingUpstream, _RecordingHandler
 
 _ATTRIBUTES = {"NAME", "ADDR", "PORT", "PROTO", "HELO"}
 

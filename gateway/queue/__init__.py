@@ -6,7 +6,7 @@
 - ``admin``: ``mailgate queue list | flush | delete ID``.
 """
 
-from gateway.queue.delivery import QueueUpstream, route_key
-from gateway.queue.spool import Entry, Spool
+from mailgate.queue.delivery import QueueUpstream, route_key
+from mailgate.queue.spool import Entry, Spool
 
 __all__ = ["Entry", "QueueUpstream", "Spool", "route_key"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from gateway.policy import Policy
-from gateway.queue.spool import ID_PATTERN, Spool
+from mailgate.policy import Policy
+from mailgate.queue.spool import ID_PATTERN, Spool
 
 _LOCK_WAIT = 10.0
 

@@ -35,13 +35,13 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from gateway.policy import Policy
-from gateway.policy import Upstream as UpstreamConfig
-from gateway.queue.dsn import Failure, build_dsn
-from gateway.queue.spool import Entry, Spool, new_id
-from gateway.relay import Upstream
-from gateway.verdict import Reply
-from gateway.xclient import ClientIdentity
+from mailgate.policy import Policy
+from mailgate.policy import Upstream as UpstreamConfig
+from mailgate.queue.dsn import Failure, build_dsn
+from mailgate.queue.spool import Entry, Spool, new_id
+from mailgate.relay import Upstream
+from mailgate.verdict import Reply
+from mailgate.xclient import ClientIdentity
 
 log = logging.getLogger("mailgate.queue")
 

@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from gateway.verdict import Reply
+from mailgate.verdict import Reply
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 

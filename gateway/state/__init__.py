@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from gateway.policy import State as StateSettings
+    from mailgate.policy import State as StateSettings
 
 
 class StateError(Exception):
@@ -112,10 +112,10 @@ def hashed(*parts: str) -> str:
 def build(settings: StateSettings) -> StateBackend:
     """A new backend for ``settings``; nothing is connected until the first check."""
     if settings.url == "memory":
-        from gateway.state.memory import MemoryState
+        from mailgate.state.memory import MemoryState
 
         return MemoryState(settings.key_prefix)
-    from gateway.state.redis import RedisState
+    from mailgate.state.redis import RedisState
 
     return RedisState(settings.url, settings.timeout, settings.key_prefix)
 

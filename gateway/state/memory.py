@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.state import GreylistDecision, GreylistStatus, RateDecision
+from mailgate.state import GreylistDecision, GreylistStatus, RateDecision
 
 SWEEP_INTERVAL = 60.0
 

@@ -14,7 +14,7 @@ Keys (after the configured prefix, ``mailgate:`` by default):
                        ``lifetime`` after the latest use once passed.
 
 A call that cannot complete within ``timeout`` (connect or reply), or any
-Redis error, raises :class:`~gateway.state.StateError`. A failed call is
+Redis error, raises :class:`~mailgate.state.StateError`. A failed call is
 retried once at once on a fresh connection (a connection left from before a
 Redis restart is stale), and never with a backoff that would hold up mail.
 """
@@ -28,7 +28,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.state import GreylistDecision, GreylistStatus, RateDecision, StateError
+from mailgate.state import GreylistDecision, GreylistStatus, RateDecision, StateError
 
 # GCRA. KEYS[1] bucket; ARGV interval (us), burst, cost. Returns {allowed, retry_after_us, left}.
 RATE_SCRIPT = """

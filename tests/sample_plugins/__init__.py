@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway import Envelope, Message, PluginConfig, Session, Verdict, hookimpl
+from mailgate import Envelope, Message, PluginConfig, Session, Verdict, hookimpl
 
 
 class BlockSenderConfig(PluginConfig):

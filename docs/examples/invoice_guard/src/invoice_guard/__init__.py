@@ -13,7 +13,7 @@ Config keys:
 
 from __future__ import annotations
 
-from gateway import Envelope, Message, PluginConfig, Verdict, hookimpl
+from mailgate import Envelope, Message, PluginConfig, Verdict, hookimpl
 
 
 class InvoiceGuardConfig(PluginConfig):
