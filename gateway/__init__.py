@@ -9,22 +9,40 @@ The public API for plugin authors: ``hookimpl`` to mark hook methods,
 and the types hooks receive.
 """
 
-from mailgate.context import Envelope, Message, Session
+from mailgate.context import Envelope, IPAddress, Message, Session
+from mailgate.dns import DnsTempError, Resolver
 from mailgate.hookspecs import hookimpl
-from mailgate.registry import PluginConfig
-from mailgate.rewrite import HeaderStrip
+from mailgate.policy import Network, NetworkField
+from mailgate.registry import Mode, PluginConfig
+from mailgate.rewrite import HeaderStrip, header_fields
 from mailgate.runtime import StartupContext
+from mailgate.state import StateBackend, StateError, hashed
+from mailgate.units import Duration, Rate, RateField, Size
 from mailgate.verdict import Action, Reply, Verdict
 
 __all__ = [
     "Action",
+    "DnsTempError",
+    "Duration",
     "Envelope",
     "HeaderStrip",
+    "IPAddress",
     "Message",
+    "Mode",
+    "Network",
+    "NetworkField",
     "PluginConfig",
+    "Rate",
+    "RateField",
     "Reply",
+    "Resolver",
     "Session",
+    "Size",
     "StartupContext",
+    "StateBackend",
+    "StateError",
     "Verdict",
+    "hashed",
+    "header_fields",
     "hookimpl",
 ]
