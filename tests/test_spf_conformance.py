@@ -4,9 +4,9 @@ Each scenario's zone is served by a real DNS server on loopback; each test
 runs ``mailgate.plugins.spf.check_spf``, the function the plugin runs: our pyspf
 ``DNSLookup`` adapter, the shared resolver with its cache, then pyspf.
 
-The suite lives in ``../shared/conformance/spf/rfc7208-tests.yml`` relative
-to the repository (CI clones the repository next to a copy of shared/); it
-is read from there and never copied in. The driver follows pyspf's own
+The suite is vendored, unchanged, in ``tests/data/spf/rfc7208-tests.yml``
+(its origin, digest and BSD licence are in ``tests/data/spf/README.md``).
+The driver follows pyspf's own
 (``test/testspf.py``): SPF records are also served as TXT unless the name
 has TXT data of its own (``TXT: NONE`` only suppresses that), ``TIMEOUT``
 makes queries time out for every type not listed before it, and an expected
@@ -15,6 +15,7 @@ explanation ``DEFAULT`` means the checker's default explanation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from mailgate.plugins.spf import check_spf
 from mailgate.policy import Dns
 from tests.dnsserver import LoopbackDnsServer, RecordingZone
 
-SUITE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "spf" / "rfc7208-tests.yml"
+SUITE = Path(__file__).resolve().parent / "data" / "spf" / "rfc7208-tests.yml"
+SUITE_SHA256 = "901f561a6e2b1c1590a40a61b1ac7601226fd7045a7aae591a4d25421358d6f9"
 DEFAULT_EXPLANATION = "SPF fail - not authorized"
 
 # Cases our code path cannot pass, each with the reason.
@@ -47,8 +49,6 @@ XFAIL: dict[str, str] = {
 
 
 def _scenarios() -> list[dict[str, Any]]:
-    if not SUITE.is_file():
-        return []
     with SUITE.open("rb") as f:
         return [s for s in yaml.safe_load_all(f) if s]
 
@@ -132,8 +132,10 @@ def suite_dns(suite_server):
     return server, zone
 
 
-def test_the_suite_is_there():
-    assert SUITE.is_file(), f"RFC 7208 suite not found at {SUITE}: shared/ must sit beside the repo"
+def test_the_suite_is_there_unchanged_with_its_licence():
+    assert hashlib.sha256(SUITE.read_bytes()).hexdigest() == SUITE_SHA256
+    assert "Redistributions of source code" in (SUITE.parent / "rfc7208-tests.LICENSE").read_text()
+    assert SUITE_SHA256 in (SUITE.parent / "README.md").read_text()
     assert sum(len(s["tests"]) for s in _scenarios()) > 200
 
 
