@@ -2,6 +2,8 @@
 
 ``mailgate queue list | flush | delete ID`` manages the spool of queue mode.
 
+``mailgate --version`` prints the installed version; ``mailgate`` alone, the help.
+
 Exit status: 0 on success, 2 for a bad policy (every problem printed as
 ``FILE:LINE:COL: path: message`` on standard error), 1 for other failures.
 ``mailgate test`` has its own (``mailgate.policytest``): 0 accept, 4 tempfail,
@@ -27,6 +29,7 @@ from mailgate.policy import Logging
 from mailgate.registry import STAGES
 from mailgate.runtime import Runtime
 from mailgate.server import Gateway
+from mailgate.version import version
 from mailgate.yamlsource import SourceError
 
 DEFAULT_POLICY = "policies/default.yaml"
@@ -146,6 +149,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mailgate {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("run", cmd_run, "run the gateway"),
@@ -173,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mailgate`` console script."""
     configure_logging(Logging())  # text at info until a policy says otherwise
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()  # no command: say what there is, not a usage error
+        return 0
+    args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
 

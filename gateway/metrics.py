@@ -36,6 +36,7 @@ metric                                          labels
 ``mailgate_policy_reloads_total``               ``result`` (ok, failed)
 ``mailgate_policy_loaded_timestamp_seconds``    (gauge) when the running policy was loaded
 ``mailgate_draining``                           (gauge) 1 from SIGTERM until exit
+``mailgate_build_info``                         (gauge, always 1) ``version``
 ==============================================  =========================================
 
 Verdicts of the connect and HELO stages are counted at once; those of a
@@ -53,12 +54,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from mailgate.decisionlog import outcome_of
 from mailgate.observer import Observer
 from mailgate.policy import split_host_port
+from mailgate.version import version
 
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord
@@ -154,6 +156,8 @@ class Metrics(Observer):
         self.draining = Gauge(
             "mailgate_draining", "1 while the gateway is shutting down", registry=r
         )
+        self.build_info = Info("mailgate_build", "The running mailgate's version", registry=r)
+        self.build_info.info({"version": version()})
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)
