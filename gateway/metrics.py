@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from mailgate.decisionlog import outcome_of
@@ -156,8 +156,10 @@ class Metrics(Observer):
         self.draining = Gauge(
             "mailgate_draining", "1 while the gateway is shutting down", registry=r
         )
-        self.build_info = Info("mailgate_build", "The running mailgate's version", registry=r)
-        self.build_info.info({"version": version()})
+        self.build_info = Gauge(
+            "mailgate_build_info", "Always 1; the running version", ["version"], registry=r
+        )
+        self.build_info.labels(version()).set(1)
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)
