@@ -97,9 +97,13 @@ class Envelope:
 class Message:
     """The message as received at end of DATA: raw bytes, with CRLF line endings.
 
-    ``raw`` is exactly what will be relayed (after the headers the core adds), so
-    checks that read it judge the bytes that go upstream. ``parsed`` is a lazily
-    built header-only view from Python's ``email`` package, for convenience.
+    ``raw`` is the message as the client sent it, dot-unstuffed, after the core
+    refused or normalised bare CR/LF (``mailgate.lineendings``). What is relayed
+    is ``raw`` with the ``Received:`` and the plugins' added headers on top, less
+    any header fields an enforced verdict asked to strip (``mailgate.rewrite``);
+    every other byte, the body included, goes upstream as it is here.
+    ``parsed`` is a lazily built header-only view from Python's ``email``
+    package, for convenience.
     """
 
     __slots__ = ("_parsed", "raw")

@@ -5,7 +5,9 @@ one buffer, takes command lines and the DATA block out of it, checks each
 command's syntax and state (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
 SMTPUTF8 and STARTTLS) and hands what passes to the connection's
 :class:`~mailgate.session.SmtpSession`, which runs the hooks and the relay. Every
-reply carries an RFC 3463 enhanced status code.
+reply it makes carries an RFC 3463 enhanced status code except the greeting
+(220), the HELO/EHLO reply (250) and the 354, which RFC 2034 leaves without
+one; upstream replies are relayed as the upstream wrote them.
 
 The limits a public MX needs, and the reply each gives (``docs/protocol.md``
 explains the choices):

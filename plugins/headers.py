@@ -23,7 +23,6 @@ Rule ids (action defaults; each overridable under ``rules:``, see
 ``headers.bad_folding``        reject    continuation with no field before it, or a
                                          line of white space only
 ``headers.no_separator``       reject    a line that is neither field nor continuation
-``headers.nul``                reject    NUL byte in the header section
 ``headers.line_too_long``      reject    a header line over ``max_line_length`` octets
 ``headers.too_big``            reject    header section over ``max_header_size``
                                          (``552 5.3.4``)
@@ -93,7 +92,6 @@ _RULES = [
     Rule("headers.bad_name", "reject"),
     Rule("headers.bad_folding", "reject"),
     Rule("headers.no_separator", "reject"),
-    Rule("headers.nul", "reject"),
     Rule("headers.line_too_long", "reject"),
     Rule("headers.too_big", "reject", code=552, status="5.3.4"),
     Rule("headers.8bit", "reject"),
@@ -264,8 +262,6 @@ def check_headers(
     repaired Message-ID is random, so compare faults by rule id and text).
     """
     fields, section, faults = _split_section(raw, config)
-    if b"\x00" in section:
-        faults.append(Fault("headers.nul", "NUL byte in header section"))
     if not section.isascii():
         if not smtputf8:
             faults.append(Fault("headers.8bit", "8-bit bytes in header section without SMTPUTF8"))

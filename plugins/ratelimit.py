@@ -16,8 +16,6 @@ count. The key of a bucket is made of the rule's selectors:
 ``sender_domain``     its domain (``<>`` for the null sender)
 ``recipient``         one envelope recipient, lower-cased
 ``recipient_domain``  its domain
-``auth_user``         the SMTP AUTH login (``Session.auth_user``); a session
-                      without one is not counted by such a rule
 ====================  ====================================================
 
 ``key: [sender_domain, recipient_domain]`` combines selectors: one bucket
@@ -84,9 +82,7 @@ from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins")
 
-Selector = Literal[
-    "client_ip", "helo", "sender", "sender_domain", "recipient", "recipient_domain", "auth_user"
-]
+Selector = Literal["client_ip", "helo", "sender", "sender_domain", "recipient", "recipient_domain"]
 Counted = Literal["connections", "messages", "recipients"]
 
 STAGE_ORDER: tuple[Stage, ...] = ("connect", "helo", "mail", "rcpt", "data")
@@ -96,7 +92,6 @@ SELECTOR_STAGE: dict[str, Stage] = {
     "helo": "helo",
     "sender": "mail",
     "sender_domain": "mail",
-    "auth_user": "mail",
     "recipient": "rcpt",
     "recipient_domain": "rcpt",
 }
@@ -202,9 +197,6 @@ class _CompiledRule:
                 ]
             elif selector == "helo":
                 vals = [session.helo.lower()] if session.helo else []
-            elif selector == "auth_user":
-                user = getattr(session, "auth_user", None)
-                vals = [str(user)] if user else []
             elif envelope is None:
                 vals = []
             elif selector == "sender":

@@ -53,7 +53,6 @@ def test_fixture_gives_exactly_the_fault_it_is_named_after(path):
         (GOOD + b": no name\r\n\r\n", "headers.bad_name"),
         (GOOD + b"X\x01Name: a control character\r\n\r\n", "headers.bad_name"),
         (GOOD + b"body text without an empty line\r\n", "headers.no_separator"),
-        (GOOD + b"X-Nul: a\x00b\r\n\r\n", "headers.nul"),
         (GOOD + b"X-Long: " + b"x" * 991 + b"\r\n\r\n", "headers.line_too_long"),
         (GOOD + b"Subject: caf\xc3\xa9\r\n\r\n", "headers.8bit"),
         (b"From: a@b.example\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\n", None),
@@ -160,6 +159,19 @@ def test_duplicate_from_is_refused_with_a_reply_that_names_it(make_gateway, upst
     assert upstream.messages == []
     [line] = decisions()
     assert "verdicts=headers.duplicate_from:reject" in line
+
+
+def test_a_nul_in_a_header_is_refused_by_the_core_before_the_plugin(
+    make_gateway, upstream, decisions
+):
+    gw = make_gateway(plugins={"headers": {}})
+    assert _send(gw.port, GOOD + b"X-Nul: a\x00b\r\n\r\nbody\r\n") == (
+        550,
+        b"5.6.0 NUL byte in message content",
+    )
+    assert upstream.messages == []
+    [line] = decisions()
+    assert "verdicts=protocol.nul:reject" in line and "headers." not in line
 
 
 def test_a_good_message_passes_untouched(make_gateway, upstream):

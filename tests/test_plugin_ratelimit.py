@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from mailgate.context import Envelope, Session
 from mailgate.plugins.ratelimit import RateLimitConfig, _CompiledRule
@@ -162,24 +163,28 @@ def test_bad_rules_are_policy_errors_with_positions(make_gateway):
     assert "two rules named client_ip: give each a name" in err.value.messages[0]
 
 
-def test_key_values_ipv6_prefix_null_sender_and_auth_user():
+def test_there_is_no_auth_user_selector_as_there_is_no_auth():
+    with pytest.raises(ValidationError) as err:
+        RateLimitConfig.model_validate({"rules": [{"key": "auth_user", "rate": "1/1h"}]})
+    assert "auth_user" in str(err.value)
+
+
+def test_key_values_ipv6_prefix_and_null_sender():
     config = RateLimitConfig.model_validate(
         {
             "rules": [
                 {"key": ["client_ip", "sender_domain"], "rate": "1/1h"},
-                {"key": "auth_user", "rate": "1/1h"},
                 {"key": "recipient_domain", "rate": "1/1h", "count": "recipients",
                  "stage": "data"},
             ]
         }
     )  # fmt: skip
-    ip_rule, auth_rule, rcpt_rule = (_CompiledRule(r) for r in config.rules)
+    ip_rule, rcpt_rule = (_CompiledRule(r) for r in config.rules)
     session = Session("s", ipaddress.ip_address("2001:db8:1:2:3::4"), 25, "mx")
     envelope = Envelope("s.1", "", recipients=["a@X.example", "b@x.example", "c@y.example"])
     values = ip_rule.values(session, envelope, None)
     assert values == {"client_ip": ["2001:db8:1:2::/64"], "sender_domain": ["<>"]}
     assert ip_rule.keys(values) == ["client_ip+sender_domain:2001:db8:1:2::/64|<>"]
-    assert auth_rule.values(session, envelope, None) is None  # no AUTH: not counted
     rcpt_values = rcpt_rule.values(session, envelope, None)
     assert rcpt_values == {"recipient_domain": ["x.example", "y.example"]}
     assert rcpt_rule.cost(envelope, rcpt_values) == 1  # one per domain key at DATA
