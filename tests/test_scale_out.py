@@ -5,8 +5,10 @@ The HAProxy configuration is the one in ``docs/scale-out.md`` (also shown in
 with only its addresses moved to loopback ports and the check interval
 shortened. One client, bound to 127.0.0.5 so that its address differs from
 HAProxy's 127.0.0.1, sends a bounded number of messages; the two gateways
-share one rate limit in Redis. Then one gateway is stopped and mail still
-flows through the other.
+share one rate limit in Redis. Then one gateway gets SIGTERM while it holds a
+transaction: its /health turns 503, HAProxy's check takes it out, new mail
+goes to the other, the held transaction still ends in 250, and once the
+gateway is gone mail still flows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -141,6 +144,15 @@ def send(port: int, source: str) -> int:
         return client.data(MESSAGE)[0]
 
 
+def open_transaction(port: int, source: str) -> smtplib.SMTP:
+    """A session through HAProxy left between RCPT and DATA (a transaction in flight)."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0))
+    client.ehlo("client.example.net")
+    assert client.mail("alice@example.net")[0] == 250
+    assert client.rcpt("bob@example.com")[0] == 250
+    return client
+
+
 def delivered(maildir: Path) -> int:
     return len(list((maildir / "new").glob("*"))) if (maildir / "new").is_dir() else 0
 
@@ -224,20 +236,30 @@ def test_haproxy_two_gateways_one_redis(cluster: Cluster):
     assert sorted(set(seen[0] + seen[1])) == [CLIENT_IP]
     assert len(seen[0]) + len(seen[1]) == SENT
 
-    # Take gw1 down. Mail goes on at once (redispatch) and after the check marks it DOWN.
-    before = delivered(cluster.maildirs[1])
+    # Take gw1 down while it holds a transaction: from SIGTERM on its /health says 503, so
+    # HAProxy's check takes it out (L7STS) while it drains; new mail goes to gw2.
+    held = [open_transaction(cluster.front, SECOND_CLIENT_IP) for _ in range(2)]  # one each
     stopped = time.monotonic()
-    assert gw1.stop() == 0
-    early = [send(cluster.front, SECOND_CLIENT_IP) for _ in range(2)]
-    assert wait_until(lambda: proxy.state("gw1")[0] == "DOWN", 10), proxy.servers()
+    gw1.signal(signal.SIGTERM)
+    assert wait_until(lambda: proxy.state("gw1") == ("DOWN", "L7STS"), 10), proxy.servers()
     down_after = time.monotonic() - stopped
-    late = [send(cluster.front, SECOND_CLIENT_IP) for _ in range(4)]
-    assert early + late == [250] * 6
-    assert delivered(cluster.maildirs[1]) - before == 6
+    assert gw1.proc.poll() is None, "gw1 should still be draining its transaction"
+    during = [send(cluster.front, SECOND_CLIENT_IP) for _ in range(3)]
+    # The held transactions finish on both gateways (gw1's drain lets its own end); then
+    # gw1 is gone altogether (L4CON) and mail still flows.
+    finished = [client.data(MESSAGE)[0] for client in held]
+    for client in held:
+        client.quit()
+    assert gw1.proc.wait(10) == 0
+    assert wait_until(lambda: proxy.state("gw1") == ("DOWN", "L4CON"), 10), proxy.servers()
+    after = [send(cluster.front, SECOND_CLIENT_IP) for _ in range(2)]
+    assert during + finished + after == [250] * 7
+    assert decisions(gw1).count(SECOND_CLIENT_IP) == 1
     assert decisions(gw2).count(SECOND_CLIENT_IP) == 6
+    assert sum(delivered(m) for m in cluster.maildirs) == LIMIT + 7
     assert proxy.state("gw2") == ("UP", "L7OK")
     print(
         f"\nscale-out: sent {SENT} from {CLIENT_IP}, accepted {codes.count(250)} "
-        f"(gw1 {len(seen[0])} sessions, gw2 {len(seen[1])}); gw1 DOWN {down_after:.1f}s "
-        f"after SIGTERM; 6 more delivered through gw2; {time.monotonic() - started:.1f}s"
+        f"(gw1 {len(seen[0])} sessions, gw2 {len(seen[1])}); gw1 out of HAProxy "
+        f"{down_after:.1f}s after SIGTERM; 7 more delivered; {time.monotonic() - started:.1f}s"
     )
