@@ -161,6 +161,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     yield built
 
 
+@pytest.mark.timeout(600)  # the first one installs the image's dependencies
 def test_the_dockerfile_installs_a_working_mailgate(image: Image):
     venv_python = image.root / "opt" / "mailgate" / "bin" / "python"
     where = subprocess.run(
@@ -176,6 +177,7 @@ def test_the_dockerfile_installs_a_working_mailgate(image: Image):
     assert answer.stdout == f"mailgate {version}\n", answer
 
 
+@pytest.mark.timeout(600)  # the first one installs the image's dependencies
 def test_the_dockerfile_cmd_serves_mail_and_passes_its_healthcheck(image: Image):
     policy = Path(image.cmd[-1])
     smtp, metrics = free_port(), free_port()
