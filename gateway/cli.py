@@ -148,7 +148,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
+    summary = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="mailgate", description=summary)
     parser.add_argument("--version", action="version", version=f"mailgate {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
