@@ -5,9 +5,18 @@ be ``def`` or ``async def``; the core awaits what is awaitable, under the
 plugin's ``timeout`` from the policy. It may take any subset of the arguments
 named here (pluggy matches them by name).
 
-Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion) or a
-:class:`~mailgate.verdict.Verdict`. The core calls plugins in policy order; the
-first accept, reject or tempfail ends the stage, tags add up. A plugin that
+The contract is checked when a policy is loaded (``mailgate check``, ``run``):
+a hook name that is not below, an argument a hook does not offer, or a
+``wrapper``/``hookwrapper`` implementation is refused with the position of
+the plugin's section. The core calls every implementation itself (see
+below), so pluggy's wrappers would never wrap anything.
+
+Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion), a
+:class:`~mailgate.verdict.Verdict`, or a list of verdicts (a checker that found
+several things; they are taken in order). The core calls plugins in policy
+order; the first enforced accept, reject or tempfail ends the stage, tags add
+up. Every verdict's rule id should be one the plugin declares in ``RULES``
+(:class:`mailgate.Rule`); the policy's ``rule_modes`` name them. A plugin that
 raises or times out gets the client a ``451 4.3.0``; in ``monitor`` mode its
 verdicts and errors are logged and change nothing. Event hooks
 (``on_disconnect``, ``on_delivered``, ``on_startup``, ``on_shutdown``) return
@@ -29,6 +38,9 @@ if TYPE_CHECKING:
     from mailgate.context import Envelope, Message, Session
     from mailgate.runtime import StartupContext
     from mailgate.verdict import Reply, Verdict
+
+    StageResult = Verdict | list[Verdict] | Awaitable[Verdict | list[Verdict] | None] | None
+    """What a stage hook returns: no opinion, a verdict, or several (maybe awaited)."""
 
 hookspec = pluggy.HookspecMarker("mailgate")
 hookimpl = pluggy.HookimplMarker("mailgate")
@@ -62,7 +74,7 @@ def on_shutdown() -> Awaitable[None] | None:
 
 
 @hookspec
-def on_connect(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
+def on_connect(session: Session) -> StageResult:
     """Judge a new connection, after accept and before the banner.
 
     :param session: the connection; ``client_ip``, ``client_port`` and
@@ -74,7 +86,7 @@ def on_connect(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
 
 
 @hookspec
-def on_helo(session: Session, hostname: str) -> Verdict | Awaitable[Verdict | None] | None:
+def on_helo(session: Session, hostname: str) -> StageResult:
     """Judge the HELO or EHLO greeting.
 
     :param session: the connection; ``session.esmtp`` says whether it was EHLO.
@@ -84,9 +96,7 @@ def on_helo(session: Session, hostname: str) -> Verdict | Awaitable[Verdict | No
 
 
 @hookspec
-def on_mail(
-    session: Session, envelope: Envelope, sender: str
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_mail(session: Session, envelope: Envelope, sender: str) -> StageResult:
     """Judge MAIL FROM, before it is forwarded upstream.
 
     :param session: the connection.
@@ -97,9 +107,7 @@ def on_mail(
 
 
 @hookspec
-def on_rcpt(
-    session: Session, envelope: Envelope, recipient: str
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_rcpt(session: Session, envelope: Envelope, recipient: str) -> StageResult:
     """Judge one RCPT TO, before it is forwarded upstream.
 
     The built-in relay control runs last (``trylast``): it refuses recipients
@@ -114,9 +122,7 @@ def on_rcpt(
 
 
 @hookspec
-def on_data(
-    session: Session, envelope: Envelope, message: Message
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_data(session: Session, envelope: Envelope, message: Message) -> StageResult:
     """Judge the message at end of DATA, before it is sent upstream.
 
     :param session: the connection.

@@ -35,9 +35,9 @@ def test_every_hook_has_a_docstring():
 
 
 def test_every_builtin_plugin_has_a_docs_page_and_a_man_page():
-    from mailgate.plugins import BUILTIN_PLUGINS
+    from mailgate.registry import builtin_plugins
 
-    for cls in BUILTIN_PLUGINS:
+    for cls in builtin_plugins().values():
         assert (DOCS / "plugins" / f"{cls.name}.md").is_file(), cls.name
         module = inspect.getmodule(cls)
         assert module is not None and module.__doc__ and "Rule ids" in module.__doc__, cls.name
