@@ -58,8 +58,11 @@ def on_startup(context: StartupContext) -> Awaitable[None] | None:
     reload. Open connections to external services here, not in ``__init__``,
     so that ``mailgate check`` stays side-effect free.
 
-    :param context: shared services: ``hostname``, ``dns`` (the process's
-        resolver), ``state`` (the rate-limit/greylist store) and the ``policy``.
+    :param context: a :class:`~mailgate.StartupContext`, the shared services:
+        ``hostname``, ``dns`` (the process's :class:`~mailgate.Resolver`),
+        ``state`` (the rate-limit/greylist store, a :class:`~mailgate.StateBackend`),
+        the ``policy``, and ``settings_of(plugin)`` (its ``mode``, ``timeout``
+        and ``rule_modes``).
     """
 
 
@@ -127,11 +130,14 @@ def on_data(session: Session, envelope: Envelope, message: Message) -> StageResu
 
     :param session: the connection.
     :param envelope: the transaction with every accepted recipient.
-    :param message: the raw message (CRLF line endings, as it will be relayed).
+    :param message: the message as it will be relayed: ``message.raw`` (CRLF
+        line endings); ``message.get_all(name)`` and ``message.parsed`` read
+        its header fields.
     :return: a reject or tempfail refuses the message for every recipient; tags
         add score and headers, and may name header fields to remove from the
         relayed message (``Verdict.tag(..., strip=[HeaderStrip(name, match)])``,
-        see ``mailgate.rewrite``; tags from ``on_mail`` and ``on_rcpt`` may too).
+        ``from mailgate import HeaderStrip``; tags from ``on_mail`` and
+        ``on_rcpt`` may too).
         After this stage the total score is compared with the policy's
         ``scoring`` thresholds.
     """

@@ -11,8 +11,9 @@ A plugin is found, in this order, by:
 A plugin class may declare ``Config``, a :class:`PluginConfig` model; the keys
 of its policy section (apart from the common ones in :class:`PluginSettings`)
 are validated against it and the instance is built as ``Class(config)``. A
-``ValueError`` or ``TypeError`` raised by ``__init__`` is reported at the
-plugin's section, like a validation error.
+``ValueError``, ``TypeError`` or ``re.error`` raised by ``__init__`` is
+reported at the plugin's section, like a validation error (any other
+exception too, named, without a traceback).
 
 Before a plugin is registered its side of the contract is checked: its rule
 ids in ``rule_modes`` (and in a ``rules:`` map) against its ``RULES``
@@ -296,6 +297,12 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
             continue
         except (TypeError, ValueError) as exc:
             errors.append(doc.error(prefix, str(exc)))
+            continue
+        except re.error as exc:  # not a ValueError: a bad pattern compiled in __init__
+            errors.append(doc.error(prefix, f"bad regular expression: {exc}"))
+            continue
+        except Exception as exc:  # a plugin's own bug: say so, without a traceback
+            errors.append(doc.error(prefix, f"cannot be built: {type(exc).__name__}: {exc}"))
             continue
         hook_errors = _hook_errors(plugin, manager)
         if hook_errors:
