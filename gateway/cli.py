@@ -68,15 +68,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def rule_table(runtime: Runtime) -> list[tuple[str, str, str, str, str, str]]:
     """One row per declared rule of the loaded plugins: rule, plugin, action, score, mode, text."""
-    rows = []
+    rows: list[tuple[str, str, str, str, str, str]] = []
     for name, loaded in runtime.plugin_set.plugins.items():
         if loaded.rules is None:
             rows.append(("-", name, "-", "-", loaded.settings.mode, "(declares no RULES)"))
             continue
         for rule in loaded.rules:
-            modes = {loaded.settings.mode_of(rule.id)}
-            modes |= {m for r, m in loaded.settings.rule_modes.items() if rule.matches(r)}
-            mode = "/".join(sorted(modes)) if "<" in rule.id else loaded.settings.mode_of(rule.id)
+            modes: set[str] = {loaded.settings.mode_of(rule.id)}
+            if "<" in rule.id:  # a placeholder: every mode its instances are in
+                modes |= {m for r, m in loaded.settings.rule_modes.items() if rule.matches(r)}
+            mode = "/".join(sorted(modes))
             score = f"{rule.score:g}" if rule.score else "-"
             rows.append((rule.id, name, rule.action, score, mode, rule.description))
     return rows
