@@ -177,10 +177,10 @@ def _instantiate(target: Any, raw: dict[str, Any]) -> object:
 
 def _rule_errors(
     doc: Document, prefix: Path, rules: tuple[Rule, ...], name: str, section: Mapping[str, Any]
-) -> list[str]:
+) -> dict[str, list[str]]:
     """Unknown rule ids in ``rule_modes`` and in a ``rules:`` map, with a "did you mean"."""
-    errors = []
-    for key in ("rule_modes", "rules"):
+    errors: dict[str, list[str]] = {"rule_modes": [], "rules": []}
+    for key in errors:
         named = section.get(key)
         if not isinstance(named, Mapping):
             continue  # ratelimit's rules: is a list of limits, not rule ids
@@ -188,9 +188,8 @@ def _rule_errors(
             if isinstance(rule_id, str) and not (
                 core_rule(name, rule_id) or any(rule.matches(rule_id) for rule in rules)
             ):
-                errors.append(
-                    doc.error((*prefix, key, rule_id), unknown_rule_message(rule_id, rules))
-                )
+                message = unknown_rule_message(rule_id, rules)
+                errors[key].append(doc.error((*prefix, key, rule_id), message))
     return errors
 
 
@@ -285,11 +284,10 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
             errors.append(doc.error((*prefix, "module") if settings.module else prefix, str(exc)))
             continue
         rules = declared_rules(target)
-        if rules is not None:
-            rule_errors = _rule_errors(doc, prefix, rules, name, section)
-            if rule_errors:
-                errors.extend(rule_errors)
-                continue
+        rule_errors = _rule_errors(doc, prefix, rules, name, section) if rules else {}
+        errors += rule_errors.get("rule_modes", []) + rule_errors.get("rules", [])
+        if rule_errors.get("rules"):
+            continue  # its config model would report the same ids again
         try:
             plugin = _instantiate(target, {k: v for k, v in section.items() if k not in common})
         except ValidationError as exc:
@@ -305,8 +303,8 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
             errors.append(doc.error(prefix, f"cannot be built: {type(exc).__name__}: {exc}"))
             continue
         hook_errors = _hook_errors(plugin, manager)
-        if hook_errors:
-            errors.extend(doc.error(prefix, f"invalid plugin: {e}") for e in hook_errors)
+        errors.extend(doc.error(prefix, f"invalid plugin: {e}") for e in hook_errors)
+        if hook_errors or rule_errors.get("rule_modes"):
             continue
         defaults: Mapping[str, Mode] = getattr(plugin, "default_rule_modes", None) or {}
         if defaults:
