@@ -72,3 +72,9 @@ def test_every_rule_table_matches_the_plugins_declared_rules():
             i for i in documented if not any(rule.id == i or rule.matches(i) for rule in declared)
         }
         assert not unknown, f"docs/plugins/{name}.md lists undeclared {sorted(unknown)}"
+
+
+def test_the_plugin_in_writing_plugins_is_the_example_package():
+    source = (DOCS / "examples/invoice_guard/src/invoice_guard/__init__.py").read_text()
+    first_block = (DOCS / "writing-plugins.md").read_text().split("```python\n")[1].split("```")[0]
+    assert first_block.strip() == source[source.index("from pydantic import") :].strip()
