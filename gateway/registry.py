@@ -21,7 +21,10 @@ declaration (:mod:`mailgate.rules`), and its hook implementations against the
 spec (:mod:`mailgate.hookspecs`): no wrappers, no unknown hook names, no
 argument the spec does not offer. Every problem is reported with its position.
 
-Every policy gets its own ``pluggy.PluginManager``: there is no global one.
+A plugin may expose ``default_rule_modes`` (a mapping of rule id to mode, as
+``headers`` and ``helo`` do for ``monitor``/``off`` under their ``rules:``);
+the policy's ``rule_modes`` win over it. Every policy gets its own
+``pluggy.PluginManager``: there is no global one.
 """
 
 from __future__ import annotations

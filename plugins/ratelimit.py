@@ -30,7 +30,8 @@ per recipient of the message). A refused request is not counted.
 Rules run in policy order; the first rule that is over its limit (and is
 enforced) refuses the request, and rules after it do not count it. A rule in
 monitor mode (``rule_modes: {ratelimit.NAME: monitor}``) is evaluated, its
-hit logged, and the next rules still run, so a rule on trial never shadows
+hit returned with the others (the core records it as monitored), and the
+next rules still run, so a rule on trial never shadows
 an enforced one.
 
 Rule ids:
