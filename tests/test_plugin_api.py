@@ -26,7 +26,7 @@ from mailgate import (
 from mailgate.registry import BUILTINS, builtin_plugins, load_policy
 from mailgate.rules import unknown_rule_message
 from mailgate.yamlsource import SourceError, load
-from tests.ops_support import REPO
+from tests.ops_support import REPO, sample, scrape, wait_until
 from tests.ops_support import mailgate as run_mailgate
 from tests.rawsmtp import RawClient
 
@@ -208,6 +208,26 @@ def test_a_monitored_rule_in_a_list_never_ends_the_stage(make_gateway, upstream,
         client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
         assert client.reply()[0] == 250
     assert "verdicts=two.tag:tag,two.reject:reject(monitor)" in decisions()[-1]
+
+
+def test_a_monitored_header_rule_is_counted_in_the_verdict_metrics(make_gateway, upstream):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        plugins={"headers": {"rule_modes": {"headers.missing_date": "monitor"}}},
+    )
+    bound = gw.gateway.metrics_server.bound
+    assert bound is not None
+    with RawClient(gw.port) as client:
+        assert client.cmd(b"EHLO client.example.net")[0] == 250
+        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
+        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
+        assert client.cmd(b"DATA")[0] == 354
+        client.send(b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        assert client.reply()[0] == 250
+    labels = {"plugin": "headers", "rule": "headers.missing_date", "action": "reject"}
+    assert wait_until(
+        lambda: sample(scrape(bound[1]), "mailgate_verdicts_total", **labels, mode="monitor") == 1
+    )
 
 
 # ------------------------------------------------------------------ the hook contract
