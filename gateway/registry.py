@@ -45,7 +45,7 @@ from pydantic import Field, ValidationError
 
 from mailgate import hookspecs
 from mailgate.policy import Policy, StrictModel, parse_policy, validation_messages
-from mailgate.rules import Rule, core_rule, declared_rules, unknown_rule_message
+from mailgate.rules import Rule, declared_rules, unknown_rule_message
 from mailgate.units import Duration
 from mailgate.yamlsource import Document, Path, SourceError
 
@@ -179,7 +179,7 @@ def _instantiate(target: Any, raw: dict[str, Any]) -> object:
 
 
 def _rule_errors(
-    doc: Document, prefix: Path, rules: tuple[Rule, ...], name: str, section: Mapping[str, Any]
+    doc: Document, prefix: Path, rules: tuple[Rule, ...], section: Mapping[str, Any]
 ) -> dict[str, list[str]]:
     """Unknown rule ids in ``rule_modes`` and in a ``rules:`` map, with a "did you mean"."""
     errors: dict[str, list[str]] = {"rule_modes": [], "rules": []}
@@ -188,9 +188,7 @@ def _rule_errors(
         if not isinstance(named, Mapping):
             continue  # ratelimit's rules: is a list of limits, not rule ids
         for rule_id in named:
-            if isinstance(rule_id, str) and not (
-                core_rule(name, rule_id) or any(rule.matches(rule_id) for rule in rules)
-            ):
+            if isinstance(rule_id, str) and not any(rule.matches(rule_id) for rule in rules):
                 message = unknown_rule_message(rule_id, rules)
                 errors[key].append(doc.error((*prefix, key, rule_id), message))
     return errors
@@ -287,7 +285,7 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
             errors.append(doc.error((*prefix, "module") if settings.module else prefix, str(exc)))
             continue
         rules = declared_rules(target)
-        rule_errors = _rule_errors(doc, prefix, rules, name, section) if rules else {}
+        rule_errors = _rule_errors(doc, prefix, rules, section) if rules else {}
         errors += rule_errors.get("rule_modes", []) + rule_errors.get("rules", [])
         if rule_errors.get("rules"):
             continue  # its config model would report the same ids again

@@ -54,11 +54,6 @@ def declared_rules(plugin: object) -> tuple[Rule, ...] | None:
     return tuple(rules)
 
 
-def core_rule(plugin: str, rule_id: str) -> bool:
-    """True for the ids the core gives a plugin's failures (``<plugin>.error``, ``.bad_result``)."""
-    return rule_id in (f"{plugin}.error", f"{plugin}.bad_result")
-
-
 def unknown_rule_message(rule_id: str, rules: Iterable[Rule]) -> str:
     """``unknown rule id 'spf.fial' (did you mean 'spf.fail'?)``, or with the known ids."""
     ids = [rule.id for rule in rules]
