@@ -285,7 +285,7 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
             errors.append(doc.error((*prefix, "module") if settings.module else prefix, str(exc)))
             continue
         rules = declared_rules(target)
-        rule_errors = _rule_errors(doc, prefix, rules, section) if rules else {}
+        rule_errors = _rule_errors(doc, prefix, rules, section) if rules is not None else {}
         errors += rule_errors.get("rule_modes", []) + rule_errors.get("rules", [])
         if rule_errors.get("rules"):
             continue  # its config model would report the same ids again
