@@ -44,9 +44,9 @@ def start_sink(scratch: Path) -> tuple[Proc, int]:
 
 def available_plugins() -> set[str]:
     """Names of the plugins this build of mailgate ships."""
-    from mailgate.plugins import BUILTIN_PLUGINS
+    from mailgate.registry import BUILTINS
 
-    return {getattr(cls, "name", cls.__name__.lower()) for cls in BUILTIN_PLUGINS}
+    return set(BUILTINS)
 
 
 def supports(key: str) -> bool:

@@ -1,5 +1,8 @@
 """The ``mailgate`` command: ``run`` the gateway, ``check`` a policy, ``test`` it, ``reload`` it.
 
+``mailgate rules -c POLICY`` lists every rule id of the policy's plugins (their
+``RULES`` declarations) with its default action, score, mode and description.
+
 ``mailgate queue list | flush | delete ID`` manages the spool of queue mode.
 
 ``mailgate --version`` prints the installed version; ``mailgate`` alone, the help.
@@ -63,6 +66,36 @@ def cmd_check(args: argparse.Namespace) -> int:
     for hook in STAGES:
         order = runtime.plugin_set.call_order(hook)
         print(f"  {hook}: {', '.join(order) if order else '-'}")
+    return 0
+
+
+def rule_table(runtime: Runtime) -> list[tuple[str, str, str, str, str, str]]:
+    """One row per declared rule of the loaded plugins: rule, plugin, action, score, mode, text."""
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    for name, loaded in runtime.plugin_set.plugins.items():
+        if loaded.rules is None:
+            rows.append(("-", name, "-", "-", loaded.settings.mode, "(declares no RULES)"))
+            continue
+        for rule in loaded.rules:
+            modes: set[str] = {loaded.settings.mode_of(rule.id)}
+            if "<" in rule.id:  # a placeholder: every mode its instances are in
+                modes |= {m for r, m in loaded.settings.rule_modes.items() if rule.matches(r)}
+            mode = "/".join(sorted(modes))
+            score = f"{rule.score:g}" if rule.score else "-"
+            rows.append((rule.id, name, rule.action, score, mode, rule.description))
+    return rows
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    """List every rule id of the policy's plugins, in plugin order."""
+    runtime = _load(args.config)
+    if runtime is None:
+        return EXIT_BAD_POLICY
+    rows = [("RULE", "PLUGIN", "ACTION", "SCORE", "MODE", "DESCRIPTION"), *rule_table(runtime)]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[5]]))
     return 0
 
 
@@ -155,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (
         ("run", cmd_run, "run the gateway"),
         ("check", cmd_check, "validate a policy and show the plugin order"),
+        ("rules", cmd_rules, "list the rule ids of the policy's plugins"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", default=DEFAULT_POLICY, help="policy file (YAML)")

@@ -40,8 +40,8 @@ from typing import Any
 from mailgate.context import VerdictRecord
 from mailgate.listener import protocol_factory
 from mailgate.observer import Observer
-from mailgate.policy import State, parse_policy
-from mailgate.registry import build_plugins
+from mailgate.policy import State
+from mailgate.registry import load_policy
 from mailgate.runtime import Runtime
 from mailgate.stages import StageOutcome
 from mailgate.verdict import Reply
@@ -105,12 +105,12 @@ def dry_runtime(doc: Document, nameservers: list[str] | None = None) -> Runtime:
     ``nameservers`` replaces the policy's ``dns.nameservers`` (a test zone).
     Raises ``SourceError`` for a bad policy, as ``Runtime.from_document`` does.
     """
-    policy = parse_policy(doc)
+    policy, plugin_set = load_policy(doc)
     update: dict[str, Any] = {"state": State()}
     if nameservers is not None:
         update["dns"] = policy.dns.model_copy(update={"nameservers": nameservers})
     policy = policy.model_copy(update=update)
-    return Runtime(policy, build_plugins(policy, doc), doc.filename, upstream=DryRunUpstream())
+    return Runtime(policy, plugin_set, doc.filename, upstream=DryRunUpstream())
 
 
 # ---------------------------------------------------------------- what to send

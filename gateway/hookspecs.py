@@ -5,9 +5,18 @@ be ``def`` or ``async def``; the core awaits what is awaitable, under the
 plugin's ``timeout`` from the policy. It may take any subset of the arguments
 named here (pluggy matches them by name).
 
-Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion) or a
-:class:`~mailgate.verdict.Verdict`. The core calls plugins in policy order; the
-first accept, reject or tempfail ends the stage, tags add up. A plugin that
+The contract is checked when a policy is loaded (``mailgate check``, ``run``):
+a hook name that is not below, an argument a hook does not offer, or a
+``wrapper``/``hookwrapper`` implementation is refused with the position of
+the plugin's section. The core calls every implementation itself (see
+below), so pluggy's wrappers would never wrap anything.
+
+Stage hooks (``on_connect`` to ``on_data``) return ``None`` (no opinion), a
+:class:`~mailgate.verdict.Verdict`, or a list of verdicts (a checker that found
+several things; they are taken in order). The core calls plugins in policy
+order; the first enforced accept, reject or tempfail ends the stage, tags add
+up. Every verdict's rule id should be one the plugin declares in ``RULES``
+(:class:`mailgate.Rule`); the policy's ``rule_modes`` name them. A plugin that
 raises or times out gets the client a ``451 4.3.0``; in ``monitor`` mode its
 verdicts and errors are logged and change nothing. Event hooks
 (``on_disconnect``, ``on_delivered``, ``on_startup``, ``on_shutdown``) return
@@ -30,6 +39,9 @@ if TYPE_CHECKING:
     from mailgate.runtime import StartupContext
     from mailgate.verdict import Reply, Verdict
 
+    StageResult = Verdict | list[Verdict] | Awaitable[Verdict | list[Verdict] | None] | None
+    """What a stage hook returns: no opinion, a verdict, or several (maybe awaited)."""
+
 hookspec = pluggy.HookspecMarker("mailgate")
 hookimpl = pluggy.HookimplMarker("mailgate")
 
@@ -46,8 +58,11 @@ def on_startup(context: StartupContext) -> Awaitable[None] | None:
     reload. Open connections to external services here, not in ``__init__``,
     so that ``mailgate check`` stays side-effect free.
 
-    :param context: shared services: ``hostname``, ``dns`` (the process's
-        resolver), ``state`` (the rate-limit/greylist store) and the ``policy``.
+    :param context: a :class:`~mailgate.StartupContext`, the shared services:
+        ``hostname``, ``dns`` (the process's :class:`~mailgate.Resolver`),
+        ``state`` (the rate-limit/greylist store, a :class:`~mailgate.StateBackend`),
+        the ``policy``, and ``settings_of(plugin)`` (its ``mode``, ``timeout``
+        and ``rule_modes``).
     """
 
 
@@ -62,7 +77,7 @@ def on_shutdown() -> Awaitable[None] | None:
 
 
 @hookspec
-def on_connect(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
+def on_connect(session: Session) -> StageResult:
     """Judge a new connection, after accept and before the banner.
 
     :param session: the connection; ``client_ip``, ``client_port`` and
@@ -74,7 +89,7 @@ def on_connect(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
 
 
 @hookspec
-def on_helo(session: Session, hostname: str) -> Verdict | Awaitable[Verdict | None] | None:
+def on_helo(session: Session, hostname: str) -> StageResult:
     """Judge the HELO or EHLO greeting.
 
     :param session: the connection; ``session.esmtp`` says whether it was EHLO.
@@ -84,9 +99,7 @@ def on_helo(session: Session, hostname: str) -> Verdict | Awaitable[Verdict | No
 
 
 @hookspec
-def on_mail(
-    session: Session, envelope: Envelope, sender: str
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_mail(session: Session, envelope: Envelope, sender: str) -> StageResult:
     """Judge MAIL FROM, before it is forwarded upstream.
 
     :param session: the connection.
@@ -97,9 +110,7 @@ def on_mail(
 
 
 @hookspec
-def on_rcpt(
-    session: Session, envelope: Envelope, recipient: str
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_rcpt(session: Session, envelope: Envelope, recipient: str) -> StageResult:
     """Judge one RCPT TO, before it is forwarded upstream.
 
     The built-in relay control runs last (``trylast``): it refuses recipients
@@ -114,18 +125,21 @@ def on_rcpt(
 
 
 @hookspec
-def on_data(
-    session: Session, envelope: Envelope, message: Message
-) -> Verdict | Awaitable[Verdict | None] | None:
+def on_data(session: Session, envelope: Envelope, message: Message) -> StageResult:
     """Judge the message at end of DATA, before it is sent upstream.
 
     :param session: the connection.
     :param envelope: the transaction with every accepted recipient.
-    :param message: the raw message (CRLF line endings, as it will be relayed).
+    :param message: the message as received: ``message.raw`` (CRLF line
+        endings, bare CR/LF already refused or normalised); what is relayed is
+        ``raw`` with ``Received:`` and added headers on top, less any header
+        fields a verdict strips. ``message.get_all(name)`` and
+        ``message.parsed`` read its header fields.
     :return: a reject or tempfail refuses the message for every recipient; tags
         add score and headers, and may name header fields to remove from the
         relayed message (``Verdict.tag(..., strip=[HeaderStrip(name, match)])``,
-        see ``mailgate.rewrite``; tags from ``on_mail`` and ``on_rcpt`` may too).
+        ``from mailgate import HeaderStrip``; tags from ``on_mail`` and
+        ``on_rcpt`` may too).
         After this stage the total score is compared with the policy's
         ``scoring`` thresholds.
     """

@@ -16,10 +16,10 @@ from mailgate import state as state_store
 from mailgate.dns import Resolver
 from mailgate.maildir import MaildirUpstream
 from mailgate.observer import Observers
-from mailgate.policy import Policy, parse_policy
+from mailgate.policy import Policy
 from mailgate.policy import Upstream as UpstreamConfig
 from mailgate.queue import QueueUpstream
-from mailgate.registry import LoadedPlugin, PluginSet, PluginSettings, build_plugins
+from mailgate.registry import LoadedPlugin, PluginSet, PluginSettings, load_policy
 from mailgate.relay import SmtpUpstream, Upstream
 from mailgate.stages import StageRunner
 from mailgate.state.memory import MemoryState
@@ -98,8 +98,8 @@ class Runtime:
     @classmethod
     def from_document(cls, doc: Document) -> Runtime:
         """Validate a loaded document; raises ``SourceError`` with every problem found."""
-        policy = parse_policy(doc)
-        return cls(policy, build_plugins(policy, doc), doc.filename)
+        policy, plugin_set = load_policy(doc)  # every error, core and plugins, in one pass
+        return cls(policy, plugin_set, doc.filename)
 
     @classmethod
     def load(cls, path: str) -> Runtime:

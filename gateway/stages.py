@@ -6,11 +6,14 @@ policy order (``tryfirst``/``trylast`` respected):
 
 - call it with the arguments it asks for, await the result if awaitable, under
   the plugin's ``timeout``;
-- ``None``: go on. A tag: add its score and headers, go on. An accept, reject
-  or tempfail: stop; the stage's reply is the verdict's (none for accept);
-- in ``monitor`` mode (the plugin's, or the rule's in ``rule_modes``) the
-  verdict is recorded as "would have" and changes nothing; a rule in ``off``
-  mode is dropped;
+- ``None``: go on. A verdict, or a list of verdicts taken in order: a tag adds
+  its score and headers and goes on; an accept, reject or tempfail stops, and
+  the stage's reply is the verdict's (none for accept);
+- each verdict's mode is its plugin's ``PluginSettings.mode_of(rule)`` (the
+  rule's ``rule_modes`` entry, else the plugin's ``mode``). This is the one
+  implementation of monitor mode for every plugin: a ``monitor`` verdict is
+  recorded as "would have" (``rule:action(monitor)`` on the decision line, and
+  in the verdict metrics) and changes nothing; an ``off`` verdict is dropped;
 - an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
   mode it is only logged), so no mail passes a filter that did not run.
 
@@ -134,7 +137,8 @@ class StageRunner:
                 return outcome
             if result is None:
                 continue
-            if not isinstance(result, Verdict):
+            verdicts = result if isinstance(result, list | tuple) else (result,)
+            if not all(isinstance(v, Verdict) for v in verdicts):
                 log.error(
                     "plugin error: txn=%s plugin=%s hook=%s returned %r, not a Verdict or None",
                     txn_id,
@@ -147,44 +151,58 @@ class StageRunner:
                     continue
                 outcome.reply = PLUGIN_FAILURE
                 return outcome
-            rule_mode = impl.settings.rule_modes.get(result.rule, impl.settings.mode)
-            if rule_mode == "off":
-                continue
-            enforced = rule_mode == "enforce"
-            record = VerdictRecord(
-                impl.plugin,
-                stage,
-                result.rule,
-                result.action.value,
-                result.reason,
-                enforced,
-                result.score,
-                result.headers,
-            )
-            card.verdicts.append(record)
-            outcome.records.append(record)
-            log.debug(
-                "verdict: txn=%s plugin=%s hook=%s rule=%s action=%s enforced=%s reason=%s",
-                txn_id,
-                impl.plugin,
-                stage,
-                result.rule,
-                result.action.value,
-                enforced,
-                result.reason,
-            )
-            if not enforced:
-                continue
-            if result.action is Action.TAG:
-                card.score += result.score
-                card.headers.extend(result.headers)
-                card.strip.extend(result.strip)
-                continue
-            if result.action is Action.ACCEPT:
-                outcome.accepted_by = result.rule
-            outcome.reply = result.reply()
-            return outcome
+            for verdict in verdicts:
+                if self._apply(impl, stage, verdict, card, outcome, txn_id):
+                    return outcome
         return outcome
+
+    def _apply(
+        self,
+        impl: _Impl,
+        stage: str,
+        result: Verdict,
+        card: Scorecard,
+        outcome: StageOutcome,
+        txn_id: str,
+    ) -> bool:
+        """Record one verdict under its mode (enforce, monitor, off); True if it ends the stage."""
+        rule_mode = impl.settings.mode_of(result.rule)
+        if rule_mode == "off":
+            return False
+        enforced = rule_mode == "enforce"
+        record = VerdictRecord(
+            impl.plugin,
+            stage,
+            result.rule,
+            result.action.value,
+            result.reason,
+            enforced,
+            result.score,
+            result.headers,
+        )
+        card.verdicts.append(record)
+        outcome.records.append(record)
+        log.debug(
+            "verdict: txn=%s plugin=%s hook=%s rule=%s action=%s enforced=%s reason=%s",
+            txn_id,
+            impl.plugin,
+            stage,
+            result.rule,
+            result.action.value,
+            enforced,
+            result.reason,
+        )
+        if not enforced:
+            return False
+        if result.action is Action.TAG:
+            card.score += result.score
+            card.headers.extend(result.headers)
+            card.strip.extend(result.strip)
+            return False
+        if result.action is Action.ACCEPT:
+            outcome.accepted_by = result.rule
+        outcome.reply = result.reply()
+        return True
 
     async def run_event(self, event: str, **kwargs: Any) -> None:
         """Run an event hook; errors are logged and never reach the client."""

@@ -1,35 +1,12 @@
-"""mailgate's built-in filter plugins, one module each.
+"""mailgate's built-in filter plugins, one module each (installed as ``mailgate.plugins``).
 
-``BUILTIN_PLUGINS`` lists them in their default order. A policy enables a
-plugin by naming it under ``plugins:``; the policy's order is the run order.
-``relay_access`` and ``auth_results`` are not listed: the core always loads
-them, last.
+Each is an ordinary plugin written against the public API (``mailgate``) only,
+exactly as a third-party plugin is. The core never imports these modules: it
+loads them by name from the table ``mailgate.registry.BUILTINS``, which also
+gives their default order. A policy enables a plugin by naming it under
+``plugins:``; the policy's order is the run order. ``relay_access`` and
+``auth_results`` are loaded even when not named (last).
+
+``_state`` and ``actions`` are not plugins: they hold code that several
+built-ins share.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from mailgate.plugins.arc import Arc
-from mailgate.plugins.dkim import Dkim
-from mailgate.plugins.dmarc import Dmarc
-from mailgate.plugins.dnsbl import Dnsbl
-from mailgate.plugins.greylist import Greylist
-from mailgate.plugins.headers import Headers
-from mailgate.plugins.helo import Helo
-from mailgate.plugins.ratelimit import RateLimit
-from mailgate.plugins.spf import Spf
-
-BUILTIN_PLUGINS: tuple[type[Any], ...] = (
-    Dnsbl,
-    Helo,
-    RateLimit,
-    Greylist,
-    Spf,
-    Headers,
-    Dkim,
-    Arc,
-    Dmarc,
-)
-
-__all__ = ["BUILTIN_PLUGINS"]

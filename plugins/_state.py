@@ -14,9 +14,7 @@ import logging
 import time
 from typing import Literal
 
-from mailgate.context import IPAddress
-from mailgate.state import StateError
-from mailgate.verdict import Verdict
+from mailgate import IPAddress, StateError, Verdict, unmapped
 
 OnError = Literal["tempfail", "allow"]
 Stage = Literal["connect", "helo", "mail", "rcpt", "data"]
@@ -27,8 +25,7 @@ log = logging.getLogger("mailgate.plugins")
 
 def client_network(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """``ip`` widened to its /prefix network, as text (``192.0.2.0/24``, ``2001:db8::/64``)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -1,7 +1,7 @@
 """Per-rule actions for the built-in checkers (``headers``, ``helo``).
 
-A checker finds *faults*, each named by a rule id; the policy decides, rule by
-rule, what a fault does::
+Not a plugin. A checker finds *faults*, each named by a rule id; the policy
+decides, rule by rule, what a fault does::
 
     rules:
       headers.date_skew: monitor                 # shorthand for {action: monitor}
@@ -10,27 +10,25 @@ rule, what a fault does::
 - ``reject``: refuse with the rule's reply, which names the fault
   (``550 5.6.0 Duplicate From header``);
 - ``tag``: add the rule's ``score`` to the message's score and carry on;
-- ``monitor``: log the fault, change nothing;
-- ``off``: do not report it.
+- ``monitor``: the same as the plugin's ``rule_modes: {RULE: monitor}``;
+- ``off``: the same as ``rule_modes: {RULE: off}``.
 
-The plugin's ``rule_modes`` (``monitor``/``off`` per rule id) are honoured too.
-One hook call returns one verdict: the first rejecting fault, else one tag
-carrying every tagging fault's score and headers. Every fault that is not off
-is logged on its own line (``mailgate.plugins.<name>``) with its rule id.
+Monitor and off are not applied here: :attr:`RuleBook.default_rule_modes`
+hands them to the core, whose stage runner applies every plugin's modes
+alike (the decision line shows ``rule:action(monitor)``). One hook call
+returns one verdict per fault: tags and monitored faults first, then the
+enforced rejects (the first one ends the stage, so its text is the reply).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-from mailgate.decisionlog import format_fields
-from mailgate.registry import Mode, PluginConfig
-from mailgate.verdict import Verdict
+from mailgate import Mode, PluginConfig, PluginSettings, Rule, Verdict
 
 Action = Literal["reject", "tag", "monitor", "off"]
 
@@ -51,17 +49,6 @@ RuleField = Annotated[RuleSetting, BeforeValidator(_shorthand)]
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """A rule id with its defaults: action, tag score, and the reply when it rejects."""
-
-    id: str
-    action: Action
-    score: float = 1.0
-    code: int = 550
-    status: str = "5.6.0"
-
-
-@dataclass(frozen=True, slots=True)
 class Fault:
     """One thing a checker found wrong, in words fit for an SMTP reply."""
 
@@ -72,9 +59,19 @@ class Fault:
 
 
 class RuleBook:
-    """A checker's rules with the policy's overrides applied."""
+    """A checker's rules with the policy's overrides applied.
 
-    def __init__(self, plugin: str, rules: Iterable[Rule], overrides: Mapping[str, RuleSetting]):
+    :param rules: the concrete rules (placeholders filled in), with their defaults.
+    :param replies: rule id -> (code, enhanced status) of its reject; 550 5.6.0 otherwise.
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        rules: Iterable[Rule],
+        overrides: Mapping[str, RuleSetting],
+        replies: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.plugin = plugin
         self.rules = {rule.id: rule for rule in rules}
         unknown = sorted(set(overrides) - set(self.rules))
@@ -82,55 +79,51 @@ class RuleBook:
             known = ", ".join(sorted(self.rules))
             raise ValueError(f"unknown rule id {', '.join(unknown)} (known: {known})")
         self.overrides = dict(overrides)
-        self.rule_modes: Mapping[str, Mode] = {}
-        self.log = logging.getLogger(f"mailgate.plugins.{plugin}")
+        self.replies = dict(replies or {})
+        self.settings = PluginSettings()
+        """The plugin's common settings, set at ``on_startup`` (orders monitored faults first)."""
 
-    def setting(self, rule_id: str) -> tuple[Action, float]:
-        """The action and tag score in force for ``rule_id``."""
+    @property
+    def default_rule_modes(self) -> dict[str, Mode]:
+        """``monitor``/``off`` set under ``rules:``, for the core to apply."""
+        return {
+            rule_id: setting.action
+            for rule_id, setting in self.overrides.items()
+            if setting.action in ("monitor", "off")
+        }
+
+    def setting(self, rule_id: str) -> tuple[Literal["reject", "tag", "off"], float]:
+        """The action and tag score of ``rule_id`` (a monitored rule keeps its action)."""
         rule = self.rules[rule_id]
         override = self.overrides.get(rule_id)
-        action = override.action if override else rule.action
         score = override.score if override and override.score is not None else rule.score
-        mode = self.rule_modes.get(rule_id, "enforce")
-        if mode == "off" or action == "off":
+        action = override.action if override else rule.action
+        if action == "off":
             return "off", 0.0
-        return ("monitor" if mode == "monitor" else action), score
+        if action == "monitor" or action not in ("reject", "tag"):
+            action = "reject" if rule.action == "reject" else "tag"
+        return action, score
 
-    def decide(self, faults: Iterable[Fault], txn: str) -> Verdict | None:
-        """Log every fault and turn them into one verdict (or None)."""
-        rejects: list[Fault] = []
-        tags: list[tuple[Fault, float]] = []
-        for fault in faults:
-            action, score = self.setting(fault.rule)
-            if action == "off":
-                continue
-            shown: str = self.rules[fault.rule].action if action == "monitor" else action
-            if fault.repair and action != "monitor":
-                shown, score = "repair", (score if action == "tag" else 0.0)
-                tags.append((fault, score))
-            elif action == "reject":
-                rejects.append(fault)
-            elif action == "tag":
-                tags.append((fault, score))
-            if action == "monitor":
-                shown += "(monitor)"
-            self.log.info(
-                format_fields(
-                    [("txn", txn), ("rule", fault.rule), ("action", shown), ("reason", fault.text)]
-                )
-            )
-        if rejects:
-            first, rule = rejects[0], self.rules[rejects[0].rule]
-            reason = "; ".join(f.text for f in rejects)
-            return Verdict.reject(
-                first.rule, reason, code=rule.code, status=rule.status, text=first.text
-            )
-        if tags:
-            headers = {name: value for fault, _ in tags for name, value in fault.repair}
+    def verdict(self, fault: Fault) -> Verdict | None:
+        """The verdict of one fault, or None when its rule is off."""
+        action, score = self.setting(fault.rule)
+        if action == "off":
+            return None
+        if fault.repair:
+            repair_score = score if action == "tag" else 0.0
             return Verdict.tag(
-                tags[0][0].rule,
-                "; ".join(f.text for f, _ in tags),
-                score=sum(score for _, score in tags),
-                headers=headers,
+                fault.rule, fault.text, score=repair_score, headers=dict(fault.repair)
             )
-        return None
+        if action == "tag":
+            return Verdict.tag(fault.rule, fault.text, score=score)
+        code, status = self.replies.get(fault.rule, (550, "5.6.0"))
+        return Verdict.reject(fault.rule, fault.text, code=code, status=status)
+
+    def decide(self, faults: Iterable[Fault]) -> list[Verdict]:
+        """One verdict per fault: tags and monitored faults first, then enforced rejects."""
+        verdicts = [v for v in map(self.verdict, faults) if v is not None]
+
+        def ends_stage(verdict: Verdict) -> bool:
+            return verdict.reply() is not None and self.settings.mode_of(verdict.rule) == "enforce"
+
+        return sorted(verdicts, key=ends_stage)  # stable: fault order within each group

@@ -36,13 +36,9 @@ import logging
 
 import dkim
 
+from mailgate import Envelope, Message, Resolver, Rule, Session, StartupContext, Verdict, hookimpl
 from mailgate.authresults import ARC, ArcResult
-from mailgate.context import Envelope, Message, Session
-from mailgate.dns import Resolver
 from mailgate.dnsadapters import KeyTempError, fetch_keys, key_lookup, signature_key_name
-from mailgate.hookspecs import hookimpl
-from mailgate.runtime import StartupContext
-from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.arc")
 
@@ -81,6 +77,11 @@ class Arc:
     """Validate ARC chains and publish the result."""
 
     name = "arc"
+    RULES = (
+        Rule("arc.pass", "tag", "the chain validates"),
+        Rule("arc.fail", "tag", "the chain does not validate"),
+        Rule("arc.temperror", "tag", "a key lookup failed for now"),
+    )
 
     def __init__(self) -> None:
         self.resolver: Resolver | None = None

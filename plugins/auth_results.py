@@ -1,7 +1,13 @@
 """auth_results: the Authentication-Results header (RFC 8601), and no forged ones.
 
-Hook: ``on_data``, ``trylast`` (after every other plugin, so after ``dmarc``).
-Like ``relay_access``, the core always loads it; it has no settings.
+Hooks: ``on_startup`` (learns the hostname), ``on_data``, ``trylast`` (after
+every other plugin, so after ``dmarc``). Like ``relay_access``, the core always
+loads it, last, when the policy does not name it; naming it under ``plugins:``
+places it and configures it. It is always enforced: ``mode: monitor`` or
+``off`` is refused (a forged header must never reach the mailbox).
+
+Config: ``authserv_id`` [the policy's ``hostname``]: the name our header
+carries and the one whose forgeries are removed.
 
 - Every incoming ``Authentication-Results`` header whose authserv-id is our
   ``hostname`` is removed from the relayed message: only we may speak for
@@ -26,24 +32,49 @@ Rule ids (tags, no score):
 
 from __future__ import annotations
 
+from mailgate import (
+    Envelope,
+    HeaderStrip,
+    Message,
+    PluginConfig,
+    Rule,
+    StartupContext,
+    Verdict,
+    header_fields,
+    hookimpl,
+)
 from mailgate.authresults import authserv_id, header_value
-from mailgate.context import Envelope, Message
-from mailgate.hookspecs import hookimpl
-from mailgate.policy import Policy
-from mailgate.rewrite import HeaderStrip, header_fields
-from mailgate.verdict import Verdict
 
 HEADER = "Authentication-Results"
+
+
+class AuthResultsConfig(PluginConfig):
+    """The ``plugins.auth_results`` section."""
+
+    authserv_id: str | None = None
+    """Our authserv-id (RFC 8601 §2.5); the policy's ``hostname`` when not given."""
 
 
 class AuthResults:
     """Add our Authentication-Results header; remove forged ones."""
 
     name = "auth_results"
+    Config = AuthResultsConfig
+    RULES = (
+        Rule("auth_results.added", "tag", "our Authentication-Results header was added"),
+        Rule("auth_results.forged", "tag", "headers claiming our authserv-id were removed"),
+    )
 
-    def __init__(self, policy: Policy) -> None:
-        self.authserv_id = policy.hostname.lower().rstrip(".")
+    def __init__(self, config: AuthResultsConfig) -> None:
+        self.config = config
+        self.authserv_id = (config.authserv_id or "localhost").lower().rstrip(".")
         self.strip = HeaderStrip(HEADER, self.claims_us)
+
+    @hookimpl
+    def on_startup(self, context: StartupContext) -> None:
+        """Take our hostname as the authserv-id, unless configured."""
+        if self.config.authserv_id is None:
+            self.authserv_id = context.hostname.lower().rstrip(".")
 
     def claims_us(self, value: str) -> bool:
         """True when an Authentication-Results value claims our authserv-id."""

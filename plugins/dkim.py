@@ -75,15 +75,19 @@ from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 from pydantic import Field
 
+from mailgate import (
+    Envelope,
+    Message,
+    PluginConfig,
+    Resolver,
+    Rule,
+    Session,
+    StartupContext,
+    Verdict,
+    hookimpl,
+)
 from mailgate.authresults import DKIM, DkimResult
-from mailgate.context import Envelope, Message, Session
-from mailgate.dns import Resolver
 from mailgate.dnsadapters import KeyRecord, fetch_keys, signature_key_name
-from mailgate.hookspecs import hookimpl
-from mailgate.policy import StrictModel
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.dkim")
 
@@ -91,7 +95,7 @@ THREAD_ABOVE = 256 * 1024
 """Messages larger than this are verified in a worker thread, not on the event loop."""
 
 
-class SigningKey(StrictModel):
+class SigningKey(PluginConfig):
     """One domain's signing key."""
 
     selector: str
@@ -189,6 +193,16 @@ class Dkim:
 
     name = "dkim"
     Config = DkimConfig
+    RULES = (
+        Rule("dkim.pass", "tag", "some signature passed"),
+        Rule("dkim.fail", "tag", "no signature passed and the first one failed", 1.0),
+        Rule("dkim.neutral", "tag", "no signature passed; the first was neutral"),
+        Rule("dkim.permerror", "tag", "no signature passed; the first had a key problem"),
+        Rule("dkim.temperror", "tag", "no signature passed; the first key lookup failed for now"),
+        Rule("dkim.reject", "reject", "a reject_failed domain's signature did not pass"),
+        Rule("dkim.tempfail", "tempfail", "the same, when its key lookup failed for now"),
+        Rule("dkim.signed", "tag", "the message was signed for a trusted client"),
+    )
 
     def __init__(self, config: DkimConfig) -> None:
         self.config = config

@@ -52,7 +52,6 @@ Publishes ``envelope.results["dmarc"]``, a ``mailgate.authresults.DmarcResult``.
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import logging
 import random
@@ -62,14 +61,22 @@ from typing import Literal
 from publicsuffixlist import PublicSuffixList
 from pydantic import Field
 
+from mailgate import (
+    DnsTempError,
+    Envelope,
+    Message,
+    PluginConfig,
+    Resolver,
+    Rule,
+    Session,
+    StartupContext,
+    Verdict,
+    address_domain,
+    from_addresses,
+    hookimpl,
+)
 from mailgate.authresults import ARC, DKIM, DMARC, SPF, ArcResult, DmarcResult, SpfResult
-from mailgate.context import Envelope, Message, Session
-from mailgate.dns import DnsTempError, Resolver
-from mailgate.hookspecs import hookimpl
 from mailgate.plugins.arc import verify_arc
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.dmarc")
 
@@ -129,6 +136,15 @@ class Dmarc:
 
     name = "dmarc"
     Config = DmarcConfig
+    RULES = (
+        Rule("dmarc.pass", "tag", "aligned SPF or DKIM pass"),
+        Rule("dmarc.fail", "tag", "failed; disposition none, or enforce is off"),
+        Rule("dmarc.quarantine", "tag", "failed, p=quarantine, enforced (quarantine_score)", 5.0),
+        Rule("dmarc.reject", "reject", "failed, p=reject, enforced"),
+        Rule("dmarc.arc_override", "tag", "failed, but forwarded by a trusted ARC sealer"),
+        Rule("dmarc.temperror", "tag", "the policy lookup failed for now (or tempfail)"),
+        Rule("dmarc.permerror", "tag", "the From header or the DMARC record is unusable"),
+    )
 
     def __init__(self, config: DmarcConfig) -> None:
         self.config = config
@@ -207,12 +223,7 @@ class Dmarc:
             raise _NoPolicy(DmarcResult("none", "", reason="no From header"))
         if len(values) > 1:
             raise _NoPolicy(DmarcResult("permerror", "", reason="several From headers"))
-        domains = {
-            addr.rpartition("@")[2].lower().rstrip(".")
-            for _name, addr in email.utils.getaddresses(values)
-            if "@" in addr
-        }
-        domains.discard("")
+        domains = {address_domain(addr) for addr in from_addresses(message)} - {""}
         if len(domains) > 1:
             raise _NoPolicy(DmarcResult("permerror", "", reason="From in several domains"))
         if not domains:

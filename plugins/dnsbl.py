@@ -47,7 +47,6 @@ sites that listed the client), at MAIL FROM.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import time
@@ -57,15 +56,24 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mailgate.context import Envelope, IPAddress, Session
-from mailgate.dns import DnsTempError, Resolver
-from mailgate.hookspecs import hookimpl
+from mailgate import (
+    DnsTempError,
+    Duration,
+    Envelope,
+    IPAddress,
+    NetworkField,
+    PluginConfig,
+    Resolver,
+    Rule,
+    Session,
+    StartupContext,
+    Verdict,
+    address_domain,
+    hookimpl,
+    is_exempt,
+    unmapped,
+)
 from mailgate.plugins._state import refusal
-from mailgate.policy import NetworkField
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.units import Duration
-from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins")
 
@@ -175,9 +183,7 @@ class DnsblConfig(PluginConfig):
 
 def query_name(ip: IPAddress, zone: str) -> str:
     """``2.0.0.127.zone`` for 127.0.0.2; reversed nibbles for IPv6."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    reverse = ip.reverse_pointer.removesuffix(".in-addr.arpa").removesuffix(".ip6.arpa")
+    reverse = unmapped(ip).reverse_pointer.removesuffix(".in-addr.arpa").removesuffix(".ip6.arpa")
     return f"{reverse}.{zone}"
 
 
@@ -186,6 +192,7 @@ class Dnsbl:
 
     name = "dnsbl"
     Config = DnsblConfig
+    RULES = (Rule("dnsbl.listed", "reject", "the weighted total reached threshold (by action)"),)
 
     def __init__(self, config: DnsblConfig) -> None:
         self.config = config
@@ -246,9 +253,7 @@ class Dnsbl:
         return DnsblResult(str(ip), total, tuple(hits), tuple(errors))
 
     def _exempt(self, session: Session) -> bool:
-        if self.config.exempt_trusted and session.trusted:
-            return True
-        return any(session.client_ip in net for net in self.config.exempt_networks)
+        return is_exempt(session, self.config.exempt_networks, trusted=self.config.exempt_trusted)
 
     async def _result(self, session: Session) -> DnsblResult | None:
         task = session.notes.get(NOTE)
@@ -305,7 +310,7 @@ class Dnsbl:
         if self.config.stage != "rcpt":
             return None
         rcpt = recipient.lower()
-        if rcpt in self.exempt_recipients or rcpt.rpartition("@")[2] in self.exempt_recipients:
+        if rcpt in self.exempt_recipients or address_domain(rcpt) in self.exempt_recipients:
             return None
         result = await self._result(session)
         return None if result is None else self._verdict(result, "rcpt")

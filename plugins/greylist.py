@@ -45,15 +45,23 @@ import math
 
 from pydantic import Field, model_validator
 
-from mailgate.context import Envelope, Session
-from mailgate.hookspecs import hookimpl
+from mailgate import (
+    Duration,
+    Envelope,
+    NetworkField,
+    PluginConfig,
+    Rule,
+    Session,
+    StartupContext,
+    StateBackend,
+    StateError,
+    Verdict,
+    address_domain,
+    hashed,
+    hookimpl,
+    is_exempt,
+)
 from mailgate.plugins._state import OnError, StateErrors, client_network, refusal
-from mailgate.policy import NetworkField
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.state import StateBackend, StateError, hashed
-from mailgate.units import Duration
-from mailgate.verdict import Verdict
 
 RESULT = "greylist"
 
@@ -90,6 +98,10 @@ class Greylist:
 
     name = "greylist"
     Config = GreylistConfig
+    RULES = (
+        Rule("greylist.delayed", "tempfail", "new triplet, or retried before delay"),
+        Rule("greylist.unavailable", "tempfail", "the state backend failed (on_error)"),
+    )
 
     def __init__(self, config: GreylistConfig) -> None:
         self.config = config
@@ -104,12 +116,10 @@ class Greylist:
         self.state = context.state
 
     def _exemption(self, session: Session, envelope: Envelope, recipient: str) -> str | None:
-        if self.config.exempt_trusted and session.trusted:
-            return "exempt"
-        if any(session.client_ip in net for net in self.config.exempt_networks):
+        if is_exempt(session, self.config.exempt_networks, trusted=self.config.exempt_trusted):
             return "exempt"
         rcpt = recipient.lower()
-        if rcpt in self.exempt_recipients or rcpt.rpartition("@")[2] in self.exempt_recipients:
+        if rcpt in self.exempt_recipients or address_domain(rcpt) in self.exempt_recipients:
             return "exempt"
         spf = envelope.results.get("spf")
         if (

@@ -67,13 +67,19 @@ from datetime import UTC, datetime
 
 from pydantic import Field, field_validator, model_validator
 
-from mailgate.context import Envelope, Message
-from mailgate.hookspecs import hookimpl
-from mailgate.plugins.actions import Fault, Rule, RuleBook, RuleField
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.units import Duration, Size
-from mailgate.verdict import Verdict
+from mailgate import (
+    Duration,
+    Envelope,
+    Message,
+    Mode,
+    PluginConfig,
+    Rule,
+    Size,
+    StartupContext,
+    Verdict,
+    hookimpl,
+)
+from mailgate.plugins.actions import Fault, RuleBook, RuleField
 
 SINGLETONS = [
     "Date", "From", "Sender", "Reply-To", "To", "Cc", "Bcc",
@@ -88,19 +94,29 @@ _ADDR_SPEC = rf"({_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*)"
 _WORD = rf'(?:{_ATEXT}+|"[ !#-\[\]-~]*")'
 _SIMPLE_MAILBOX = re.compile(rf"{_ADDR_SPEC}|(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<{_ADDR_SPEC}>")
 _NAME = re.compile(r"[!-9;-~]+")
-_RULES = [
-    Rule("headers.bad_name", "reject"),
-    Rule("headers.bad_folding", "reject"),
-    Rule("headers.no_separator", "reject"),
-    Rule("headers.line_too_long", "reject"),
-    Rule("headers.too_big", "reject", code=552, status="5.3.4"),
-    Rule("headers.8bit", "reject"),
-    Rule("headers.bad_utf8", "reject"),
-    Rule("headers.bad_from", "reject"),
-    Rule("headers.from_needs_sender", "reject"),
-    Rule("headers.bad_date", "tag"),
-    Rule("headers.date_skew", "tag"),
-]
+MISSING = Rule(
+    "headers.missing_<name>",
+    "reject",
+    "a require header is absent (From, Date reject; any other header tags, score 1)",
+    score=1.0,
+)
+DUPLICATE = Rule(
+    "headers.duplicate_<name>", "reject", "a singletons header appears more than once", score=1.0
+)
+_RULES = (
+    Rule("headers.bad_name", "reject", "field name empty or not printable ASCII", 1.0),
+    Rule("headers.bad_folding", "reject", "continuation with no field before it, or blank", 1.0),
+    Rule("headers.no_separator", "reject", "a line that is neither field nor continuation", 1.0),
+    Rule("headers.line_too_long", "reject", "a header line over max_line_length octets", 1.0),
+    Rule("headers.too_big", "reject", "header section over max_header_size (552 5.3.4)", 1.0),
+    Rule("headers.8bit", "reject", "8-bit bytes without SMTPUTF8 (RFC 6532)", 1.0),
+    Rule("headers.bad_utf8", "reject", "with SMTPUTF8, bytes that are not UTF-8", 1.0),
+    Rule("headers.bad_from", "reject", "From is not a mailbox list", 1.0),
+    Rule("headers.from_needs_sender", "reject", "several From mailboxes and no Sender", 1.0),
+    Rule("headers.bad_date", "tag", "Date does not parse", 1.0),
+    Rule("headers.date_skew", "tag", "Date more than max_future ahead or max_past behind", 1.0),
+)
+REPLIES = {"headers.too_big": (552, "5.3.4")}
 
 
 def slug(name: str) -> str:
@@ -154,9 +170,13 @@ def rulebook(config: HeadersConfig) -> RuleBook:
     rules = list(_RULES)
     for name in _wanted(config):
         must = name.lower() in ("from", "date")  # RFC 5322 §3.6: the only required fields
-        rules.append(Rule(f"headers.missing_{slug(name)}", "reject" if must else "tag"))
-    rules += [Rule(f"headers.duplicate_{slug(name)}", "reject") for name in config.singletons]
-    return RuleBook("headers", rules, config.rules)
+        rule_id = f"headers.missing_{slug(name)}"
+        rules.append(Rule(rule_id, "reject" if must else "tag", MISSING.description, 1.0))
+    rules += [
+        Rule(f"headers.duplicate_{slug(name)}", "reject", DUPLICATE.description, 1.0)
+        for name in config.singletons
+    ]
+    return RuleBook("headers", rules, config.rules, REPLIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,21 +330,27 @@ class Headers:
 
     name = "headers"
     Config = HeadersConfig
+    RULES = (*_RULES, MISSING, DUPLICATE)
 
     def __init__(self, config: HeadersConfig) -> None:
         self.config = config
         self.book = rulebook(config)
         self.hostname = "localhost"
 
-    @hookimpl
-    def on_startup(self, context: StartupContext) -> None:
-        """Learn our hostname (for repaired Message-IDs) and the plugin's ``rule_modes``."""
-        self.hostname = context.hostname
-        self.book.rule_modes = context.settings_of(self).rule_modes
+    @property
+    def default_rule_modes(self) -> dict[str, Mode]:
+        """``monitor``/``off`` given under ``rules:`` (the policy's ``rule_modes`` win)."""
+        return self.book.default_rule_modes
 
     @hookimpl
-    def on_data(self, envelope: Envelope, message: Message) -> Verdict | None:
-        """Check the header section; publish the report; return the verdict for its faults."""
+    def on_startup(self, context: StartupContext) -> None:
+        """Learn our hostname (for repaired Message-IDs) and the plugin's rule modes."""
+        self.hostname = context.hostname
+        self.book.settings = context.settings_of(self)
+
+    @hookimpl
+    def on_data(self, envelope: Envelope, message: Message) -> list[Verdict]:
+        """Check the header section; publish the report; return one verdict per fault."""
         report = check_headers(
             message.raw,
             self.config,
@@ -333,4 +359,4 @@ class Headers:
             hostname=self.hostname,
         )
         envelope.results["headers"] = report
-        return self.book.decide(report.faults, envelope.id)
+        return self.book.decide(report.faults)

@@ -39,20 +39,32 @@ import re
 
 from pydantic import Field, field_validator
 
-from mailgate.context import IPAddress, Session
-from mailgate.hookspecs import hookimpl
-from mailgate.plugins.actions import Fault, Rule, RuleBook, RuleField
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.verdict import Verdict
+from mailgate import (
+    IPAddress,
+    Mode,
+    PluginConfig,
+    Rule,
+    Session,
+    StartupContext,
+    Verdict,
+    hookimpl,
+)
+from mailgate.plugins.actions import Fault, RuleBook, RuleField
 
-RULES = [
-    Rule("helo.bad_syntax", "reject", code=501, status="5.5.2"),
-    Rule("helo.bare_ip", "tag", code=504, status="5.5.2"),
-    Rule("helo.not_fqdn", "tag", code=504, status="5.5.2"),
-    Rule("helo.our_name", "reject", status="5.7.1"),
-    Rule("helo.our_address", "reject", status="5.7.1"),
-]
+RULES = (
+    Rule("helo.bad_syntax", "reject", "neither a domain nor an address literal", 1.0),
+    Rule("helo.bare_ip", "tag", "an IP address without the brackets of a literal", 1.0),
+    Rule("helo.not_fqdn", "tag", "one label only, or a numeric top-level label", 1.0),
+    Rule("helo.our_name", "reject", "our hostname or one of own_names", 1.0),
+    Rule("helo.our_address", "reject", "an address of ours that is not the client's own", 1.0),
+)
+REPLIES = {
+    "helo.bad_syntax": (501, "5.5.2"),
+    "helo.bare_ip": (504, "5.5.2"),
+    "helo.not_fqdn": (504, "5.5.2"),
+    "helo.our_name": (550, "5.7.1"),
+    "helo.our_address": (550, "5.7.1"),
+}
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
@@ -70,14 +82,6 @@ class HeloConfig(PluginConfig):
         for value in values:
             ipaddress.ip_address(value)  # ValueError names the bad one
         return values
-
-    @field_validator("rules")
-    @classmethod
-    def _known_rules(cls, rules: dict[str, object]) -> dict[str, object]:
-        unknown = sorted(set(rules) - {rule.id for rule in RULES})
-        if unknown:
-            raise ValueError(f"unknown rule id {', '.join(unknown)}")
-        return rules
 
 
 def _literal(hostname: str) -> IPAddress | None:
@@ -123,10 +127,11 @@ class Helo:
 
     name = "helo"
     Config = HeloConfig
+    RULES = RULES
 
     def __init__(self, config: HeloConfig) -> None:
         self.config = config
-        self.book = RuleBook("helo", RULES, config.rules)
+        self.book = RuleBook("helo", RULES, config.rules, REPLIES)
         self.own_names = {n.lower().rstrip(".") for n in config.own_names or []}
         self.own_addresses = {ipaddress.ip_address(a) for a in config.own_addresses}
 
@@ -136,10 +141,15 @@ class Helo:
         if self.config.own_names is None:
             names = [context.hostname, *context.policy.domains]
             self.own_names = {n.lower().rstrip(".") for n in names}
-        self.book.rule_modes = context.settings_of(self).rule_modes
+        self.book.settings = context.settings_of(self)
+
+    @property
+    def default_rule_modes(self) -> dict[str, Mode]:
+        """``monitor``/``off`` given under ``rules:`` (the policy's ``rule_modes`` win)."""
+        return self.book.default_rule_modes
 
     @hookimpl
-    def on_helo(self, session: Session, hostname: str) -> Verdict | None:
+    def on_helo(self, session: Session, hostname: str) -> list[Verdict] | None:
         """Judge the greeting name."""
         if session.trusted and not self.config.check_trusted:
             return None
@@ -147,4 +157,4 @@ class Helo:
         faults = check_helo(
             hostname, client_ip=session.client_ip, own_names=self.own_names, own_addresses=own
         )
-        return self.book.decide(faults, session.id)
+        return self.book.decide(faults)

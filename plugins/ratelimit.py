@@ -28,7 +28,8 @@ per recipient of the message). A refused request is not counted.
 Rules run in policy order; the first rule that is over its limit (and is
 enforced) refuses the request, and rules after it do not count it. A rule in
 monitor mode (``rule_modes: {ratelimit.NAME: monitor}``) is evaluated, its
-hit logged, and the next rules still run, so a rule on trial never shadows
+hit returned with the others (the core records it as monitored), and the
+next rules still run, so a rule on trial never shadows
 an enforced one.
 
 Rule ids:
@@ -65,22 +66,30 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import logging
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mailgate.context import Envelope, Session
-from mailgate.hookspecs import hookimpl
+from mailgate import (
+    Envelope,
+    Network,
+    NetworkField,
+    PluginConfig,
+    PluginSettings,
+    RateField,
+    Rule,
+    Session,
+    StartupContext,
+    StateBackend,
+    StateError,
+    Verdict,
+    address_domain,
+    hashed,
+    hookimpl,
+    in_networks,
+    is_exempt,
+)
 from mailgate.plugins._state import OnError, Stage, StateErrors, client_network, refusal
-from mailgate.policy import Network, NetworkField
-from mailgate.registry import PluginConfig, PluginSettings
-from mailgate.runtime import StartupContext
-from mailgate.state import StateBackend, StateError, hashed
-from mailgate.units import RateField
-from mailgate.verdict import Verdict
-
-log = logging.getLogger("mailgate.plugins")
 
 Selector = Literal["client_ip", "helo", "sender", "sender_domain", "recipient", "recipient_domain"]
 Counted = Literal["connections", "messages", "recipients"]
@@ -104,10 +113,10 @@ MAX_KEY_LENGTH = 200
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".") if address else "<>"
+    return address_domain(address) if address else "<>"
 
 
-class Rule(PluginConfig):
+class Limit(PluginConfig):
     """One limit: what is counted, under which key, how fast."""
 
     key: Selector | list[Selector]
@@ -127,7 +136,7 @@ class Rule(PluginConfig):
         return (self.key,) if isinstance(self.key, str) else tuple(self.key)
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> Rule:
+    def _fill_defaults(self) -> Limit:
         if not self.selectors:
             raise ValueError("key needs at least one selector")
         earliest = max(STAGE_ORDER.index(SELECTOR_STAGE[s]) for s in self.selectors)
@@ -153,7 +162,7 @@ class Rule(PluginConfig):
 class RateLimitConfig(PluginConfig):
     """The ratelimit plugin's own keys."""
 
-    rules: list[Rule] = Field(min_length=1)
+    rules: list[Limit] = Field(min_length=1)
     on_error: OnError = "tempfail"
     exempt_trusted: bool = True
     exempt_networks: list[NetworkField] = Field(default_factory=list)
@@ -170,7 +179,7 @@ class RateLimitConfig(PluginConfig):
 class _CompiledRule:
     """A rule with its id, its allow list split into networks and names, its GCRA interval."""
 
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Limit) -> None:
         assert rule.stage is not None and rule.name is not None and rule.burst is not None
         self.rule = rule
         self.stage: Stage = rule.stage
@@ -216,7 +225,7 @@ class _CompiledRule:
 
     def allowed(self, session: Session, values: dict[str, list[str]]) -> bool:
         """True when some selector value is on the rule's allow list."""
-        if any(session.client_ip in net for net in self.allow_networks):
+        if in_networks(session.client_ip, self.allow_networks):
             return True
         return any(v in self.allow_names for vals in values.values() for v in vals)
 
@@ -243,6 +252,18 @@ class RateLimit:
 
     name = "ratelimit"
     Config = RateLimitConfig
+    RULES = (
+        Rule(
+            "ratelimit.<name>",
+            "tempfail",
+            "limit <name> is over its rate (reject with action: reject)",
+        ),
+        Rule(
+            "ratelimit.unavailable",
+            "tempfail",
+            "the state backend failed (4.3.0; a tag with on_error: allow)",
+        ),
+    )
 
     def __init__(self, config: RateLimitConfig) -> None:
         self.config = config
@@ -258,9 +279,7 @@ class RateLimit:
         self.settings = context.settings_of(self)
 
     def _exempt(self, session: Session) -> bool:
-        if self.config.exempt_trusted and session.trusted:
-            return True
-        return any(session.client_ip in net for net in self.config.exempt_networks)
+        return is_exempt(session, self.config.exempt_networks, trusted=self.config.exempt_trusted)
 
     async def _check(
         self,
@@ -268,14 +287,14 @@ class RateLimit:
         session: Session,
         envelope: Envelope | None = None,
         recipient: str | None = None,
-    ) -> Verdict | None:
+    ) -> list[Verdict] | None:
         rules = [r for r in self.rules if r.stage == stage]
         if not rules or self._exempt(session):
             return None
         assert self.state is not None, "on_startup has not run"
-        monitored: Verdict | None = None
+        verdicts: list[Verdict] = []
         for rule in rules:
-            mode = self.settings.rule_modes.get(rule.id, self.settings.mode)
+            mode = self.settings.mode_of(rule.id)
             if mode == "off":
                 continue
             values = rule.values(session, envelope, recipient)
@@ -286,7 +305,7 @@ class RateLimit:
                 try:
                     decision = await self.state.rate(key, rule.interval, rule.burst, cost)
                 except StateError as exc:
-                    return self.errors.verdict(exc, stage)
+                    return [*verdicts, self.errors.verdict(exc, stage)]
                 if decision.allowed:
                     continue
                 verdict = refusal(
@@ -298,39 +317,35 @@ class RateLimit:
                     "Rate limit exceeded"
                     + (", try again later" if rule.rule.action == "tempfail" else ""),
                 )
+                verdicts.append(verdict)
                 if mode == "enforce":
-                    return verdict
-                log.info(
-                    "ratelimit: %s would %s (monitor): %s",
-                    rule.id,
-                    verdict.action.value,
-                    verdict.reason,
-                )
-                monitored = monitored or verdict
-                break
-        return monitored
+                    return verdicts  # later rules do not count a refused request
+                break  # monitored: the core records it; the next rules still count
+        return verdicts or None
 
     @hookimpl
-    async def on_connect(self, session: Session) -> Verdict | None:
+    async def on_connect(self, session: Session) -> list[Verdict] | None:
         """Rules counting connections at connect."""
         return await self._check("connect", session)
 
     @hookimpl
-    async def on_helo(self, session: Session) -> Verdict | None:
+    async def on_helo(self, session: Session) -> list[Verdict] | None:
         """Rules that count at HELO/EHLO."""
         return await self._check("helo", session)
 
     @hookimpl
-    async def on_mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+    async def on_mail(self, session: Session, envelope: Envelope) -> list[Verdict] | None:
         """Rules that count at MAIL FROM."""
         return await self._check("mail", session, envelope)
 
     @hookimpl
-    async def on_rcpt(self, session: Session, envelope: Envelope, recipient: str) -> Verdict | None:
+    async def on_rcpt(
+        self, session: Session, envelope: Envelope, recipient: str
+    ) -> list[Verdict] | None:
         """Rules that count at each RCPT TO."""
         return await self._check("rcpt", session, envelope, recipient)
 
     @hookimpl
-    async def on_data(self, session: Session, envelope: Envelope) -> Verdict | None:
+    async def on_data(self, session: Session, envelope: Envelope) -> list[Verdict] | None:
         """Rules that count at end of DATA."""
         return await self._check("data", session, envelope)

@@ -13,32 +13,39 @@ Rule ids:
 ``relay.denied``     recipient domain not ours, client not trusted (reject)
 ===================  ======================================================
 
-Config: none of its own; it reads ``domains`` and ``trusted_networks`` from
-the top of the policy. It is always loaded and cannot be turned off.
+Config: ``timeout`` only (the keys every plugin has); it reads ``domains``
+and ``trusted_networks`` from the top of the policy. It is always loaded,
+last, when the policy does not name it; naming it under ``plugins:`` places
+it (it still runs ``trylast``). It is always enforced: ``mode: monitor`` or
+``off``, or a ``rule_modes`` entry, is refused by ``mailgate check`` (an open
+relay is never a trial).
 """
 
 from __future__ import annotations
 
-from mailgate.context import Session
-from mailgate.hookspecs import hookimpl
-from mailgate.policy import Policy
-from mailgate.verdict import Verdict
+from mailgate import Rule, Session, StartupContext, Verdict, address_domain, hookimpl
 
 
 class RelayAccess:
     """Refuse recipients outside ``domains`` unless the client is trusted."""
 
     name = "relay_access"
+    RULES = (Rule("relay.denied", "reject", "recipient domain not ours and client not trusted"),)
 
-    def __init__(self, policy: Policy) -> None:
-        self.domains = frozenset(policy.domains)
+    def __init__(self) -> None:
+        self.domains: frozenset[str] = frozenset()
+
+    @hookimpl
+    def on_startup(self, context: StartupContext) -> None:
+        """Take our recipient domains from the policy."""
+        self.domains = frozenset(context.policy.domains)
 
     @hookimpl(trylast=True)
     def on_rcpt(self, session: Session, recipient: str) -> Verdict | None:
         """Accept our domains and trusted clients; refuse the rest."""
         if session.trusted:
             return None
-        domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        domain = address_domain(recipient)
         if domain in self.domains:
             return None
         return Verdict.reject(

@@ -65,15 +65,19 @@ from typing import Literal
 import spf
 from pydantic import Field
 
+from mailgate import (
+    Duration,
+    Envelope,
+    PluginConfig,
+    Resolver,
+    Rule,
+    Session,
+    StartupContext,
+    Verdict,
+    hookimpl,
+)
 from mailgate.authresults import SPF, SpfResult
-from mailgate.context import Envelope, Session
-from mailgate.dns import Resolver
 from mailgate.dnsadapters import bound_resolver, install_spf_lookup
-from mailgate.hookspecs import hookimpl
-from mailgate.registry import PluginConfig
-from mailgate.runtime import StartupContext
-from mailgate.units import Duration
-from mailgate.verdict import Verdict
 
 log = logging.getLogger("mailgate.plugins.spf")
 
@@ -141,6 +145,15 @@ class Spf:
 
     name = "spf"
     Config = SpfConfig
+    RULES = (
+        Rule("spf.pass", "tag", "the client is authorised"),
+        Rule("spf.fail", "tag", "the domain says the client is not authorised", 2.0),
+        Rule("spf.softfail", "tag", "the domain says probably not authorised", 1.0),
+        Rule("spf.neutral", "tag", "the domain makes no assertion"),
+        Rule("spf.none", "tag", "no SPF record, or no usable domain"),
+        Rule("spf.temperror", "tag", "a DNS error that may go away (timeout, SERVFAIL)"),
+        Rule("spf.permerror", "tag", "the record is broken (syntax, too many lookups)"),
+    )
 
     def __init__(self, config: SpfConfig) -> None:
         self.config = config

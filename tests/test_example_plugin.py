@@ -67,3 +67,40 @@ def test_example_plugin_loads_by_dotted_path_and_check_reports_it(installed_exam
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"{policy}:4:5: plugins.guard.threshold: ")
+
+
+def test_example_plugin_config_errors_and_rule_typos_are_positioned(installed_example, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "plugins:\n"
+        "  invoice_guard:\n"
+        "    keywords: [invoice, '']\n"
+        "    rule_modes: {invoice_guard.suspicous: monitor}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(installed_example), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{policy}:3:5: plugins.invoice_guard.keywords: "
+        "a keyword may not be empty (it would match every Subject)",
+        f"{policy}:4:18: plugins.invoice_guard.rule_modes.invoice_guard.suspicous: unknown rule "
+        "id 'invoice_guard.suspicous' (did you mean 'invoice_guard.suspicious'?)",
+    ]
+    policy.write_text("plugins:\n  invoice_guard:\n    keywords: [invoice, '']\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(installed_example), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"{policy}:3:5: plugins.invoice_guard.keywords: "
+        "a keyword may not be empty (it would match every Subject)"
+    )

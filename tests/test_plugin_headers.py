@@ -7,12 +7,12 @@ stored with LF line endings and sent with CRLF.
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from mailgate import PluginSettings
 from mailgate.plugins.actions import Fault, RuleSetting
 from mailgate.plugins.headers import HeadersConfig, check_headers, rulebook
 from mailgate.runtime import Runtime
@@ -121,22 +121,30 @@ def test_default_actions_reject_what_rfc_5322_forbids_and_tag_the_rest():
     assert book.setting("headers.date_skew") == ("tag", 1.0)
 
 
-def test_one_verdict_names_the_first_rejecting_fault():
+def test_one_verdict_per_fault_with_enforced_rejects_last():
     book = rulebook(HeadersConfig())
     found = [
         Fault("headers.bad_date", "Date header does not parse"),
         Fault("headers.duplicate_from", "Duplicate From header"),
         Fault("headers.missing_date", "Missing Date header"),
     ]
-    verdict = book.decide(found, "t.1")
-    assert verdict is not None and verdict.reply() is not None
-    assert str(verdict.reply()) == "550 5.6.0 Duplicate From header"
-    assert verdict.rule == "headers.duplicate_from"
+    verdicts = book.decide(found)
+    assert [v.rule for v in verdicts] == [
+        "headers.bad_date",
+        "headers.duplicate_from",
+        "headers.missing_date",
+    ]
+    assert str(verdicts[1].reply()) == "550 5.6.0 Duplicate From header"
+    # A monitored reject comes before the enforced ones, so the core always records it.
     book.overrides = {"headers.duplicate_from": RuleSetting(action="monitor")}
-    book.rule_modes = {"headers.missing_date": "off"}
-    verdict = book.decide(found, "t.1")
-    assert verdict is not None and verdict.reply() is None
-    assert (verdict.rule, verdict.score) == ("headers.bad_date", 1.0)
+    book.settings = PluginSettings(rule_modes=book.default_rule_modes)
+    assert book.default_rule_modes == {"headers.duplicate_from": "monitor"}
+    verdicts = book.decide(found)
+    assert [v.rule for v in verdicts][-1] == "headers.missing_date"
+    assert verdicts[0].rule == "headers.bad_date" and verdicts[0].score == 1.0
+    assert verdicts[1].rule == "headers.duplicate_from" and verdicts[1].reply() is not None
+    book.overrides = {"headers.missing_date": RuleSetting(action="off")}
+    assert [v.rule for v in book.decide(found)] == ["headers.bad_date", "headers.duplicate_from"]
 
 
 # ------------------------------------------------------------------ over SMTP
@@ -206,17 +214,16 @@ def test_a_tag_adds_its_score(make_gateway, upstream):
     assert b"X-Spam-Score: 6\r\n" in head and b"X-Spam-Flag: YES\r\n" in head
 
 
-def test_monitor_logs_the_rule_and_lets_the_message_through(make_gateway, upstream, caplog):
-    caplog.set_level(logging.INFO, logger="mailgate.plugins.headers")
+def test_monitor_under_rules_is_on_the_decision_line(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {"rules": {"headers.missing_date": "monitor"}}})
     assert _send(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
-    [record] = [r for r in caplog.records if r.name == "mailgate.plugins.headers"]
-    assert "rule=headers.missing_date action=reject(monitor)" in record.getMessage()
+    assert "verdicts=headers.missing_date:reject(monitor)" in decisions()[-1]
 
 
-def test_rule_modes_monitor_works_as_well(make_gateway, upstream):
+def test_rule_modes_monitor_is_on_the_decision_line(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {"rule_modes": {"headers.missing_date": "monitor"}}})
     assert _send(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
+    assert "verdicts=headers.missing_date:reject(monitor)" in decisions()[-1]
 
 
 def test_eight_bit_headers_pass_with_smtputf8(make_gateway, tmp_path):
@@ -234,8 +241,16 @@ def test_an_unknown_rule_id_is_a_policy_error():
     with pytest.raises(SourceError) as caught:
         _load("plugins:\n  headers:\n    rules: {headers.dupe_from: off}\n")
     [message] = caught.value.messages
+    assert message.startswith("p.yaml:3:13: plugins.headers.rules.headers.dupe_from: ")
+    assert "unknown rule id 'headers.dupe_from'" in message
+
+
+def test_a_placeholder_rule_for_an_unconfigured_header_is_an_error():
+    with pytest.raises(SourceError) as caught:
+        _load("plugins:\n  headers:\n    rules: {headers.missing_subject: tag}\n")
+    [message] = caught.value.messages
     assert message.startswith("p.yaml:2:3: plugins.headers: ")
-    assert "unknown rule id headers.dupe_from" in message
+    assert "unknown rule id headers.missing_subject" in message
 
 
 def test_unquoted_off_in_yaml_means_off():
