@@ -209,6 +209,8 @@ class Limits(StrictModel):
 
     message_size: Size = 25_000_000
     recipients: int = Field(default=100, ge=1)
+    recipient_overshoot: int = Field(default=1000, ge=0)
+    """RCPTs past ``recipients`` answered 452 before each further one counts as an error."""
     idle_timeout: Duration = Field(default=300.0, gt=0)
     """How long the gateway waits for one whole command line (or, in DATA, for more data)."""
     data_timeout: Duration = Field(default=600.0, gt=0)

@@ -12,7 +12,11 @@ policy order (``tryfirst``/``trylast`` respected):
   verdict is recorded as "would have" and changes nothing; a rule in ``off``
   mode is dropped;
 - an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
-  mode it is only logged), so no mail passes a filter that did not run.
+  mode it is only logged), so no mail passes a filter that did not run;
+- so does a result that is not None or a sound Verdict (:func:`bad_result`:
+  another type, a code that contradicts the action, a NaN or infinite
+  score): it is logged once with the plugin's name and recorded as
+  ``PLUGIN.bad_result`` on the decision line.
 
 Each stage's outcome and duration, and each plugin failure, are reported to
 the runtime's observers (``mailgate.observer``: metrics, ``mailgate test``).
@@ -31,11 +35,24 @@ from typing import Any
 from mailgate.context import Scorecard, VerdictRecord
 from mailgate.observer import Observer
 from mailgate.registry import EVENTS, STAGES, PluginSet, PluginSettings
-from mailgate.verdict import Action, Reply, Verdict
+from mailgate.verdict import Action, Reply, Verdict, contradiction
 
 log = logging.getLogger("mailgate.plugins")
 
 PLUGIN_FAILURE = Reply(451, "Temporary filter failure, try again later", "4.3.0")
+
+
+def bad_result(result: object) -> str | None:
+    """Why a hook's (non-None) result cannot be applied, or None when it is a sound Verdict.
+
+    The one check every hook result passes before the runner applies it: the
+    type (a :class:`Verdict`, nothing else), then the verdict's parts
+    (:func:`mailgate.verdict.contradiction`: code against action, a finite score).
+    """
+    if not isinstance(result, Verdict):
+        return f"returned {type(result).__name__}, not a Verdict or None"
+    problem = contradiction(result)
+    return None if problem is None else f"contradictory verdict {result.rule!r}: {problem}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,19 +151,14 @@ class StageRunner:
                 return outcome
             if result is None:
                 continue
-            if not isinstance(result, Verdict):
-                log.error(
-                    "plugin error: txn=%s plugin=%s hook=%s returned %r, not a Verdict or None",
-                    txn_id,
-                    impl.plugin,
-                    stage,
-                    type(result).__name__,
-                )
-                self.observer.plugin_failed(impl.plugin, stage, "bad_result")
+            problem = bad_result(result)
+            if problem is not None:
+                self._bad_result(impl, stage, txn_id, problem, card, outcome)
                 if monitor:
                     continue
                 outcome.reply = PLUGIN_FAILURE
                 return outcome
+            assert isinstance(result, Verdict)
             rule_mode = impl.settings.rule_modes.get(result.rule, impl.settings.mode)
             if rule_mode == "off":
                 continue
@@ -185,6 +197,32 @@ class StageRunner:
             outcome.reply = result.reply()
             return outcome
         return outcome
+
+    def _bad_result(
+        self,
+        impl: _Impl,
+        stage: str,
+        txn_id: str,
+        problem: str,
+        card: Scorecard,
+        outcome: StageOutcome,
+    ) -> None:
+        """Log, count and record a hook result that cannot be applied (``PLUGIN.bad_result``)."""
+        monitor = impl.settings.mode == "monitor"
+        log.error(
+            "plugin error: txn=%s plugin=%s hook=%s bad result: %s%s",
+            txn_id,
+            impl.plugin,
+            stage,
+            problem,
+            " (monitor: ignored)" if monitor else "",
+        )
+        self.observer.plugin_failed(impl.plugin, stage, "bad_result")
+        record = VerdictRecord(
+            impl.plugin, stage, f"{impl.plugin}.bad_result", "tempfail", problem, not monitor
+        )
+        card.verdicts.append(record)
+        outcome.records.append(record)
 
     async def run_event(self, event: str, **kwargs: Any) -> None:
         """Run an event hook; errors are logged and never reach the client."""
