@@ -382,6 +382,10 @@ class SmtpServer(asyncio.Protocol):
         None when the connection ended first.
         """
         limit = self.limits.message_size
+        # RFC 1870 counts the message, not the dot-stuffed bytes on the wire. A
+        # stuffed line is at least "..\r\n", so what is received shrinks by at
+        # most a quarter: past 4/3 of the limit it is over it for certain.
+        drop_at = (4 * limit + 12) // 3
         self._in_data = True
         self._data_deadline = self.loop.time() + self.limits.data_timeout
         dropped = 0  # octets read and thrown away past the size limit
@@ -397,7 +401,7 @@ class SmtpServer(asyncio.Protocol):
                     end += 2
                     break
                 # Over the limit even without the ".\r" of a final dot begun: drop it.
-                if dropped + len(buf) - 2 > limit and len(buf) > 4:
+                if dropped + len(buf) - 2 > drop_at and len(buf) > 4:
                     dropped += len(buf) - 4
                     del buf[:-4]  # keep what may be the start of the final dot
                 scan = max(len(buf) - 4, 0)
@@ -410,16 +414,16 @@ class SmtpServer(asyncio.Protocol):
             self._in_data = False
             self._data_deadline = None
             self._stop_timer()
-        size = dropped + end
         with memoryview(buf) as view:
             data = bytes(view[:end]) if not dropped else b""  # one copy, not two
         del buf[: end + 3]
         self._scan = 0
-        if size > limit:
+        message = unstuff(data)
+        if dropped or len(message) > limit:
             return MESSAGE_TOO_BIG
         if len(data) > self.limits.line_length and longest_line_over(data, self.limits.line_length):
             return LINE_TOO_LONG
-        return unstuff(data)
+        return message
 
     # ------------------------------------------------------------ output
 

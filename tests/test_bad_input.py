@@ -382,3 +382,36 @@ def test_a_well_formed_multiline_upstream_reply_is_relayed(scripted, make_gatewa
         assert c.cmd(b"DATA")[0] == 354
         c.send(MESSAGE + b".\r\n")
         assert c.reply() == (250, b"2.0.0 first\n2.0.0 second")
+
+
+# ------------------------------------------------------------------ DATA size (RFC 1870)
+
+
+def _dotted(size: int) -> bytes:
+    """A message of ``size`` octets whose body lines all start with a dot (stuffed on the wire)."""
+    head = b"Subject: dots\r\n\r\n"
+    lines, last = divmod(size - len(head) - 2, 11)
+    message = head + b".dotdotdo\r\n" * lines + b"z" * last + b"\r\n"
+    assert len(message) == size
+    return message
+
+
+def _stuffed(message: bytes) -> bytes:
+    return message.replace(b"\r\n.", b"\r\n..")
+
+
+def test_the_size_limit_counts_the_message_not_the_doubled_dots(make_gateway, upstream):
+    limit = 3000
+    gw = make_gateway(limits={"message_size": limit})
+    fits, over = _dotted(limit), _dotted(limit + 1)
+    assert len(_stuffed(fits)) > limit * 1.05
+    with RawClient(gw.port) as c:
+        assert c.cmd(EHLO)[0] == 250
+        for message, expected in ((fits, 250), (over, 552), (fits, 250)):
+            assert c.cmd(MAIL)[0] == 250
+            assert c.cmd(RCPT)[0] == 250
+            assert c.cmd(b"DATA")[0] == 354
+            c.send(_stuffed(message) + b".\r\n")
+            assert c.reply()[0] == expected
+    assert len(upstream.messages) == 2
+    assert upstream.messages[0].data.endswith(fits)
