@@ -145,7 +145,9 @@ def contradiction(verdict: Verdict) -> str | None:
     infinity would decide alone). Checked when a verdict is built and again
     where the stage runner applies it.
     """
-    action, code = verdict.action, verdict.code
+    # Typed as object: a verdict built past its constructor may hold anything.
+    action: object = verdict.action
+    code: object = verdict.code
     if not isinstance(action, Action):
         return f"action {action!r} is not an Action"
     if not isinstance(code, int) or isinstance(code, bool):

@@ -74,37 +74,32 @@ class _StrictLoader(yaml.SafeLoader):
         self._sizes: dict[int, int] = {}  # id(node) -> nodes in it, aliases expanded
         self._alias_nodes = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         """Compose one node, counting depth and what aliases expand to."""
-        event = self.peek_event()
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
-            node: yaml.Node = super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
             size = self._sizes.get(id(node))
             if size is None:
-                raise yaml.composer.ComposerError(
-                    None, None, f"alias *{event.anchor} refers to itself", event.start_mark
-                )
+                raise _composer_error(f"alias *{event.anchor} refers to itself", event)
             self._alias_nodes += size
             if self._alias_nodes > MAX_ALIAS_NODES:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f"aliases expand to more than {MAX_ALIAS_NODES} nodes (alias bomb?)",
-                    event.start_mark,
-                )
+                message = f"aliases expand to more than {MAX_ALIAS_NODES} nodes (alias bomb?)"
+                raise _composer_error(message, event)
             return node
-        if isinstance(event, yaml.CollectionStartEvent):
+        collection = isinstance(event, yaml.CollectionStartEvent)
+        if collection:
             self._depth += 1
             if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark
-                )
+                raise _composer_error(f"nested more than {MAX_DEPTH} levels deep", event)
         try:
             node = super().compose_node(parent, index)
         finally:
-            if isinstance(event, yaml.CollectionStartEvent):
+            if collection:
                 self._depth -= 1
-        self._sizes[id(node)] = 1 + sum(self._sizes[id(child)] for child in _children(node))
+        if node is not None:
+            children = _children(node)
+            self._sizes[id(node)] = 1 + sum(self._sizes[id(child)] for child in children)
         return node
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
@@ -127,6 +122,11 @@ class _StrictLoader(yaml.SafeLoader):
                 f"cannot read this {node.tag.rpartition(':')[2]}: {exc}",
                 node.start_mark,
             ) from None
+
+
+def _composer_error(problem: str, event: yaml.Event) -> yaml.composer.ComposerError:
+    mark: Any = event.start_mark
+    return yaml.composer.ComposerError(None, None, problem, mark)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
