@@ -266,6 +266,7 @@ class ScriptedUpstream:
 
     loop_thread: LoopThread
     data_reply: bytes = b"250 2.0.0 Ok: queued"
+    data_delay: float = 0.0
     commands: list[bytes] = field(default_factory=list)
     messages: int = 0
     connections: int = 0
@@ -287,6 +288,7 @@ class ScriptedUpstream:
                     writer.write(b"354 go on\r\n")
                     await reader.readuntil(b"\r\n.\r\n")
                     self.messages += 1
+                    await asyncio.sleep(self.data_delay)
                     writer.write(self.data_reply + b"\r\n")
                 elif verb == b"QUIT":
                     writer.write(b"221 bye\r\n")
@@ -415,3 +417,28 @@ def test_the_size_limit_counts_the_message_not_the_doubled_dots(make_gateway, up
             assert c.reply()[0] == expected
     assert len(upstream.messages) == 2
     assert upstream.messages[0].data.endswith(fits)
+
+
+def test_an_upstream_timeout_closes_the_upstream_not_the_client_and_may_duplicate(
+    scripted, make_gateway
+):
+    # docs/delivery.md (RFC 1047): the upstream took the message, answered late;
+    # the client gets a 4xx, keeps its session, and its retry is a duplicate.
+    scripted.data_delay = 1.0
+    gw = make_gateway(upstream={"url": scripted.url, "timeout": "0.3s"})
+    with RawClient(gw.port) as c:
+        assert c.cmd(EHLO)[0] == 250
+        assert c.cmd(MAIL)[0] == 250
+        assert c.cmd(RCPT)[0] == 250
+        assert c.cmd(b"DATA")[0] == 354
+        c.send(MESSAGE + b".\r\n")
+        assert c.reply() == (451, b"4.4.2 Upstream server timed out, try again later")
+        assert wait_for(lambda: scripted.closed == 1)  # the upstream connection is closed
+        assert c.cmd(b"NOOP")[0] == 250  # the client's is not
+        scripted.data_delay = 0.0
+        assert c.cmd(MAIL)[0] == 250
+        assert c.cmd(RCPT)[0] == 250
+        assert c.cmd(b"DATA")[0] == 354
+        c.send(MESSAGE + b".\r\n")
+        assert c.reply()[0] == 250
+    assert scripted.messages == 2  # the same message, twice
