@@ -35,7 +35,7 @@ from typing import Any
 from mailgate.context import Scorecard, VerdictRecord
 from mailgate.observer import Observer
 from mailgate.registry import EVENTS, STAGES, PluginSet, PluginSettings
-from mailgate.verdict import Action, Reply, Verdict, contradiction
+from mailgate.verdict import Action, Reply, Verdict, VerdictError, contradiction
 
 log = logging.getLogger("mailgate.plugins")
 
@@ -121,6 +121,15 @@ class StageRunner:
             monitor = impl.settings.mode == "monitor"
             try:
                 result = await self._call(impl, kwargs)
+            except VerdictError as exc:
+                # The plugin tried to build a contradictory verdict: a bad result, not a crash.
+                self._bad_result(
+                    impl, stage, txn_id, f"contradictory verdict: {exc}", card, outcome
+                )
+                if monitor:
+                    continue
+                outcome.reply = PLUGIN_FAILURE
+                return outcome
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
                     what = f"timed out after {impl.settings.timeout:g}s"

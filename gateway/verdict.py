@@ -19,6 +19,10 @@ from mailgate.rewrite import HeaderStrip
 _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 class.subject.detail
 
 
+class VerdictError(ValueError):
+    """A verdict whose parts contradict each other (see :func:`contradiction`)."""
+
+
 class Action(enum.Enum):
     """What a verdict does to the stage it was returned in."""
 
@@ -66,7 +70,8 @@ class Verdict:
     :meth:`tempfail` and :meth:`tag` rather than the constructor. Whichever
     way it is built, a verdict's code must agree with its action (reject
     5xx, tempfail 4xx, accept and tag no reply of their own) and its score
-    must be a finite number: anything else raises ``ValueError`` here, and
+    must be a finite number: anything else raises :class:`VerdictError` (a
+    ``ValueError``) here, and
     the stage runner checks again before it applies a verdict
     (:func:`contradiction`).
     """
@@ -84,7 +89,7 @@ class Verdict:
     def __post_init__(self) -> None:
         problem = contradiction(self)
         if problem is not None:
-            raise ValueError(problem)
+            raise VerdictError(problem)
 
     @classmethod
     def accept(cls, rule: str, reason: str) -> Verdict:

@@ -17,6 +17,7 @@ import pytest
 
 from mailgate import Action, Verdict
 from mailgate.stages import bad_result
+from mailgate.verdict import VerdictError
 from tests.rawsmtp import RawClient, wait_for
 from tests.support import MESSAGE, LoopThread
 
@@ -45,7 +46,7 @@ def _internal_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord
     ],
 )
 def test_a_verdict_whose_code_contradicts_its_action_cannot_be_built(action, code, status):
-    with pytest.raises(ValueError):
+    with pytest.raises(VerdictError):
         Verdict(action, "x.y", "r", code, status, "text")
 
 
@@ -109,7 +110,10 @@ def test_a_bad_hook_result_fails_closed_and_is_recorded_as_plugin_bad_result(
     assert "Traceback" not in caplog.text
 
 
-def test_a_verdict_built_with_a_contradiction_is_a_plugin_error(make_gateway, upstream, caplog):
+def test_a_verdict_built_with_a_contradiction_is_a_plugin_error(
+    make_gateway, upstream, caplog, decisions
+):
+    # The probe: Verdict(Action.TEMPFAIL, ..., 250, "2.0.0", "Ok: queued").
     gw = make_gateway(
         plugins={"buggy": {"module": "tests.bad_plugins:BadResult", "kind": "constructor"}}
     )
@@ -117,9 +121,13 @@ def test_a_verdict_built_with_a_contradiction_is_a_plugin_error(make_gateway, up
         assert c.cmd(EHLO)[0] == 250
         assert c.cmd(MAIL)[0] == 250
         assert c.cmd(RCPT) == (451, b"4.3.0 Temporary filter failure, try again later")
+        assert c.cmd(b"QUIT")[0] == 221
     assert upstream.messages == []
     [error] = [r for r in caplog.records if r.name == "mailgate.plugins"]
-    assert "plugin=buggy hook=on_rcpt raised ValueError" in error.getMessage()
+    assert "plugin=buggy hook=on_rcpt bad result: contradictory verdict" in error.getMessage()
+    assert "a tempfail needs a 4xx code, not 250" in error.getMessage()
+    assert error.exc_info is None  # a plugin's mistake, said in one line: no traceback
+    assert wait_for(lambda: any("buggy.bad_result:tempfail" in line for line in decisions()))
 
 
 def test_a_bad_result_in_monitor_mode_is_recorded_and_changes_nothing(
@@ -442,3 +450,31 @@ def test_an_upstream_timeout_closes_the_upstream_not_the_client_and_may_duplicat
         c.send(MESSAGE + b".\r\n")
         assert c.reply()[0] == 250
     assert scripted.messages == 2  # the same message, twice
+
+
+def test_after_an_internal_error_the_next_mail_is_not_nested(make_gateway, upstream, monkeypatch):
+    # Our own bug at RCPT: the session drops the transaction, and so must the server
+    # (it used to keep "MAIL given", so the next MAIL got 503 Nested MAIL until RSET).
+    from mailgate.relay import SmtpTransaction
+
+    original = SmtpTransaction.rcpt
+    failures = [RuntimeError("a bug")]
+
+    async def rcpt_once_broken(self: SmtpTransaction, recipient: str):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return await original(self, recipient)
+
+    monkeypatch.setattr(SmtpTransaction, "rcpt", rcpt_once_broken)
+    gw = make_gateway()
+    with RawClient(gw.port) as c:
+        assert c.cmd(EHLO)[0] == 250
+        assert c.cmd(MAIL)[0] == 250
+        assert c.cmd(RCPT) == (451, b"4.3.0 Internal error, try again later")
+        assert c.cmd(b"DATA")[0] == 503  # no transaction is open...
+        assert c.cmd(MAIL)[0] == 250  # ...so this MAIL starts one
+        assert c.cmd(RCPT)[0] == 250
+        assert c.cmd(b"DATA")[0] == 354
+        c.send(MESSAGE + b".\r\n")
+        assert c.reply()[0] == 250
+    assert len(upstream.messages) == 1
