@@ -151,6 +151,29 @@ def test_sighup_with_an_alias_bomb_keeps_serving_and_logs_the_refusal(tmp_path):
     assert "Traceback" not in gateway.log
 
 
+def test_a_slow_reload_is_read_off_the_event_loop(tmp_path):
+    # Whatever makes a load slow (here a plugin module that takes 4 s to import),
+    # the event loop goes on serving: the load runs in a worker thread.
+    policy = tmp_path / "policy.yaml"
+    good = GOOD.format(maildir=tmp_path / "mail")
+    policy.write_text(good)
+    gateway = GatewayProcess(policy, tmp_path / "gateway.log")
+    try:
+        policy.write_text(
+            good + "plugins:\n  slow:\n    module: tests.slow_plugin_module:SlowToLoad\n"
+        )
+        gateway.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 3
+        waits = []
+        while time.monotonic() < deadline:
+            waits.append(_banner_time(gateway.port))
+        assert max(waits) < 1, waits
+        assert gateway.wait_log("policy reloaded", timeout=30), gateway.log
+    finally:
+        assert gateway.stop() == 0
+    assert "Traceback" not in gateway.log
+
+
 # ------------------------------------------------------------------ item 8: no uvloop chain
 
 
