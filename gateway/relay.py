@@ -45,8 +45,8 @@ BROKEN = Reply(451, "Upstream connection failed, try again later", "4.4.2")
 IDENTITY_REFUSED = Reply(451, "Upstream refused the client identity, try again later", "4.3.0")
 MALFORMED = Reply(451, "Upstream sent a malformed reply, try again later", "4.4.2")
 
-# RFC 5321 §4.2: three digits, the first 2-5, then SP or "-" and text (or nothing).
-_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\n]*)?\n")
+# RFC 5321 §4.2: three digits, the first 2-5, then SP or "-" and text, or nothing at all.
+_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\n]*)?\r?\n")
 
 
 class MalformedReply(aiosmtplib.SMTPResponseException):

@@ -382,8 +382,17 @@ def test_a_malformed_upstream_reply_is_a_4xx_and_the_upstream_connection_is_clos
     assert "Traceback" not in caplog.text
 
 
-def test_a_well_formed_multiline_upstream_reply_is_relayed(scripted, make_gateway):
-    scripted.data_reply = b"250-2.0.0 first\r\n250 2.0.0 second"
+@pytest.mark.parametrize(
+    ("good", "relayed"),
+    [
+        (b"250-2.0.0 first\r\n250 2.0.0 second", (250, b"2.0.0 first\n2.0.0 second")),
+        (b"250", (250, b"")),  # a reply code alone is a whole reply (RFC 5321 §4.2)
+        (b"250-\r\n250 done", (250, b"done")),
+        (b"554 5.7.1 no \xff thanks", (554, b"5.7.1 no \xff thanks")),
+    ],
+)
+def test_well_formed_upstream_replies_are_relayed(scripted, make_gateway, good, relayed):
+    scripted.data_reply = good
     gw = make_gateway(upstream=scripted.url)
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
@@ -391,7 +400,7 @@ def test_a_well_formed_multiline_upstream_reply_is_relayed(scripted, make_gatewa
         assert c.cmd(RCPT)[0] == 250
         assert c.cmd(b"DATA")[0] == 354
         c.send(MESSAGE + b".\r\n")
-        assert c.reply() == (250, b"2.0.0 first\n2.0.0 second")
+        assert c.reply() == relayed
 
 
 # ------------------------------------------------------------------ DATA size (RFC 1870)
