@@ -46,7 +46,8 @@ NetworkField = Annotated[Network, BeforeValidator(_to_network)]
 class StrictModel(BaseModel):
     """Base for every policy model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan: a NaN threshold compares false with every score (never rejects).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:

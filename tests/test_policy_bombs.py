@@ -62,6 +62,18 @@ BAD_POLICIES = {
         r":2:4: cannot read this timestamp",
     ),
     "unhashable_key": ("hostname: mx.test\n? [a, b]\n: 1\n", r":2:3: a mapping key must be"),
+    "nan_threshold": (
+        "hostname: mx.test\nscoring:\n  reject: .nan\n",
+        r":3:3: scoring.reject: Input should be a finite number",
+    ),
+    "infinite_duration": (
+        "hostname: mx.test\nlimits:\n  idle_timeout: " + "9" * 400 + "s\n",
+        r":3:3: limits.idle_timeout: Input should be a finite number",
+    ),
+    "overflowing_size": (
+        "hostname: mx.test\nlimits:\n  message_size: " + "9" * 400 + "MB\n",
+        r":3:3: limits.message_size: .*size is too large",
+    ),
     "not_utf8": ("hostname: mx.test\n# caf\udce9\n", r":2:6: policy is not UTF-8"),
 }
 
