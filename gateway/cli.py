@@ -52,9 +52,14 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        found = False
     else:
+        found = True
+    # Outside the except block, so that an error in main() is not chained to the ImportError.
+    if found:
         uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -46,7 +46,8 @@ NetworkField = Annotated[Network, BeforeValidator(_to_network)]
 class StrictModel(BaseModel):
     """Base for every policy model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan: a NaN threshold compares false with every score (never rejects).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -209,6 +210,8 @@ class Limits(StrictModel):
 
     message_size: Size = 25_000_000
     recipients: int = Field(default=100, ge=1)
+    recipient_overshoot: int = Field(default=1000, ge=0)
+    """RCPTs past ``recipients`` answered 452 before each further one counts as an error."""
     idle_timeout: Duration = Field(default=300.0, gt=0)
     """How long the gateway waits for one whole command line (or, in DATA, for more data)."""
     data_timeout: Duration = Field(default=600.0, gt=0)

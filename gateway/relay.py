@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import aiosmtplib
@@ -41,6 +43,44 @@ UNAVAILABLE = Reply(451, "Upstream server unavailable, try again later", "4.4.1"
 TIMED_OUT = Reply(451, "Upstream server timed out, try again later", "4.4.2")
 BROKEN = Reply(451, "Upstream connection failed, try again later", "4.4.2")
 IDENTITY_REFUSED = Reply(451, "Upstream refused the client identity, try again later", "4.3.0")
+MALFORMED = Reply(451, "Upstream sent a malformed reply, try again later", "4.4.2")
+
+# RFC 5321 §4.2: three digits, the first 2-5, then SP or "-" and text, or nothing at all.
+_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\n]*)?\r?\n")
+
+
+class MalformedReply(aiosmtplib.SMTPResponseException):
+    """The upstream sent a reply line that is not ``DDD<SP|->text``: an unknown reply."""
+
+
+def strict_replies(client: aiosmtplib.SMTP) -> None:
+    """Make ``client`` refuse malformed reply lines instead of guessing at them.
+
+    aiosmtplib reads the code as ``int(line[:3])`` and the text from the
+    fifth octet, so ``2500 ok`` reads as ``250 ok`` and ``25 ok`` as code 25.
+    Here every complete line of a reply is checked first (and a multiline
+    reply must repeat its code); a bad one raises :class:`MalformedReply`,
+    which ends the transaction with a 4xx and closes the connection.
+    """
+    protocol = client.protocol
+    if protocol is None:
+        return
+    parse: Callable[[], aiosmtplib.SMTPResponse | None] = protocol._read_response_from_buffer
+    buffer: bytearray = protocol._buffer
+
+    def checked() -> aiosmtplib.SMTPResponse | None:
+        offset, code = 0, b""
+        while (end := buffer.find(b"\n", offset)) >= 0:
+            line = bytes(buffer[offset : end + 1])
+            if not _REPLY_LINE.fullmatch(line) or (code and line[:3] != code):
+                text = line[:80].decode("ascii", "backslashreplace").rstrip()
+                raise MalformedReply(-1, f"malformed reply line {text!r}")
+            if line[3:4] != b"-":
+                break
+            offset, code = end + 1, line[:3]
+        return parse()
+
+    setattr(protocol, "_read_response_from_buffer", checked)  # noqa: B010 - shadows a method
 
 
 class UpstreamTransaction(Protocol):
@@ -116,6 +156,9 @@ def _failure(exc: BaseException) -> Reply:
     """The client's reply when a step failed; cancellation and our own bugs propagate."""
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return TIMED_OUT
+    if isinstance(exc, MalformedReply):
+        log.warning("upstream: %s; connection closed", exc.message)
+        return MALFORMED
     if isinstance(exc, aiosmtplib.SMTPException | OSError):
         return BROKEN
     raise exc
@@ -201,6 +244,7 @@ class SmtpUpstream:
             )
             try:
                 await client.connect()
+                strict_replies(client)
                 if client.is_ehlo_or_helo_needed:
                     await client.ehlo()
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:

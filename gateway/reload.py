@@ -1,19 +1,32 @@
-"""What a reload changed, said without values (policy values may hold secrets).
+"""Reloading a policy: read it off the event loop, and say what changed without values.
 
-``Gateway.reload`` (SIGHUP, ``mailgate reload``) logs which keys differ
-between the running policy and the new one: top-level keys by name, plugins
-by ``plugins.NAME`` (added, removed or changed). Keys that only take effect
-on a restart are named in a warning.
+``Gateway.reload`` (SIGHUP, ``mailgate reload``) reads and validates the
+file with :func:`load_off_loop`, in a worker thread, so the gateway keeps
+serving while it does (the YAML limits of ``mailgate.yamlsource`` bound that
+work too). It then logs which keys differ between the running policy and the
+new one (values may hold secrets): top-level keys by name, plugins by
+``plugins.NAME`` (added, removed or changed). Keys that only take effect on a
+restart are named in a warning.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from mailgate.policy import Policy
+from mailgate.runtime import Runtime
 
 RESTART_ONLY = ("listen", "workers", "pid_file")
 """Keys read once at start: a reload keeps the old value until the next restart."""
+
+
+async def load_off_loop(path: str) -> Runtime:
+    """Read, validate and build the policy at ``path`` in a worker thread.
+
+    Raises what :meth:`Runtime.load` raises (``SourceError`` for a bad policy).
+    """
+    return await asyncio.to_thread(Runtime.load, path)
 
 
 def changed_keys(old: Policy, new: Policy) -> list[str]:

@@ -23,7 +23,7 @@ import signal
 from mailgate.listener import start_listeners
 from mailgate.logformat import configure_logging
 from mailgate.metrics import Metrics, MetricsServer
-from mailgate.reload import changed_keys, restart_only
+from mailgate.reload import changed_keys, load_off_loop, restart_only
 from mailgate.runtime import Runtime
 
 log = logging.getLogger("mailgate")
@@ -104,7 +104,7 @@ class Gateway:
                 log.warning("reload ignored: the gateway is stopping")
                 return False
             try:
-                new = Runtime.load(old.filename)
+                new = await load_off_loop(old.filename)  # serving goes on meanwhile
             except Exception as exc:
                 messages = getattr(exc, "messages", None) or [f"{old.filename}: {exc!r}"]
                 for message in messages:

@@ -63,7 +63,7 @@ from mailgate.context import IPAddress, VerdictRecord
 from mailgate.decisionlog import format_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
-from mailgate.session import SmtpSession
+from mailgate.session import TOO_MANY_RECIPIENTS, SmtpSession
 from mailgate.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
 from mailgate.verdict import Reply
 
@@ -86,6 +86,8 @@ NEED_MAIL = Reply(503, "Need MAIL command", "5.5.1")
 NEED_RCPT = Reply(503, "Need RCPT command", "5.5.1")
 NESTED_MAIL = Reply(503, "Nested MAIL command", "5.5.1")
 MALFORMED_ADDRESS = Reply(553, "Malformed address", "5.1.3")
+NEED_SMTPUTF8 = Reply(553, "Non-ASCII address needs SMTPUTF8 (RFC 6531)", "5.6.7")
+NOT_UTF8 = Reply(553, "Address is not valid UTF-8", "5.6.7")
 NEED_STARTTLS = Reply(530, "Must issue a STARTTLS command first", "5.7.0")
 TLS_UNAVAILABLE = Reply(454, "TLS not available", "4.7.0")
 READY_FOR_TLS = Reply(220, "Ready to start TLS", "2.0.0")
@@ -179,7 +181,9 @@ class SmtpServer(asyncio.Protocol):
         self._helo: str | None = None
         self._esmtp = False
         self._mail = False
+        self._smtputf8 = False  # the open transaction's MAIL said SMTPUTF8
         self._rcpts = 0
+        self._overshoot = 0  # RCPTs past limits.recipients in this transaction
         self._errors = 0
         self._junk = 0
         self._unknown = 0
@@ -380,6 +384,10 @@ class SmtpServer(asyncio.Protocol):
         None when the connection ended first.
         """
         limit = self.limits.message_size
+        # RFC 1870 counts the message, not the dot-stuffed bytes on the wire. A
+        # stuffed line is at least "..\r\n", so what is received shrinks by at
+        # most a quarter: past 4/3 of the limit it is over it for certain.
+        drop_at = (4 * limit + 12) // 3
         self._in_data = True
         self._data_deadline = self.loop.time() + self.limits.data_timeout
         dropped = 0  # octets read and thrown away past the size limit
@@ -395,7 +403,7 @@ class SmtpServer(asyncio.Protocol):
                     end += 2
                     break
                 # Over the limit even without the ".\r" of a final dot begun: drop it.
-                if dropped + len(buf) - 2 > limit and len(buf) > 4:
+                if dropped + len(buf) - 2 > drop_at and len(buf) > 4:
                     dropped += len(buf) - 4
                     del buf[:-4]  # keep what may be the start of the final dot
                 scan = max(len(buf) - 4, 0)
@@ -408,30 +416,31 @@ class SmtpServer(asyncio.Protocol):
             self._in_data = False
             self._data_deadline = None
             self._stop_timer()
-        size = dropped + end
         with memoryview(buf) as view:
             data = bytes(view[:end]) if not dropped else b""  # one copy, not two
         del buf[: end + 3]
         self._scan = 0
-        if size > limit:
+        message = unstuff(data)
+        if dropped or len(message) > limit:
             return MESSAGE_TOO_BIG
         if len(data) > self.limits.line_length and longest_line_over(data, self.limits.line_length):
             return LINE_TOO_LONG
-        return unstuff(data)
+        return message
 
     # ------------------------------------------------------------ output
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, *, count: bool = True) -> None:
         """Queue ``reply``; write it now unless another pipelined command is waiting.
 
-        Counts errors: at ``limits.errors`` the connection is closed with 421.
+        Counts errors (unless ``count`` is false): at ``limits.errors`` the
+        connection is closed with 421.
         """
         if self._state != "open":
             return  # a pipelined command after our 421: nothing more is said
         self._out.append(reply.render().encode("utf-8", "surrogateescape") + b"\r\n")
         if self._buf.find(b"\n") < 0:
             self._flush()
-        if reply.code >= 400 and reply.code != 421:
+        if count and reply.code >= 400 and reply.code != 421:
             self._errors += 1
         if self._errors >= self.limits.errors:
             self._shut(TOO_MANY_ERRORS, "too many errors")
@@ -551,11 +560,15 @@ class SmtpServer(asyncio.Protocol):
         try:
             await run(self, arg)
         except Exception as exc:
-            self._send(await self.session.internal_error(exc))
+            reply = await self.session.internal_error(exc)
+            self._new_transaction()  # the session has dropped its transaction: so do we
+            self._send(reply)
 
     def _new_transaction(self) -> None:
         self._mail = False
+        self._smtputf8 = False
         self._rcpts = 0
+        self._overshoot = 0
 
     async def _helo_command(self, arg: str) -> None:
         await self._greeting(arg, esmtp=False)
@@ -594,7 +607,7 @@ class SmtpServer(asyncio.Protocol):
         if parsed is None:
             return MALFORMED_ADDRESS
         address, rest = parsed
-        if not address or (rest and not self._esmtp):
+        if not address or (rest and not self._esmtp) or not rest.isascii():
             return syntax
         options = rest.upper().split()
         try:
@@ -615,12 +628,14 @@ class SmtpServer(asyncio.Protocol):
             self._send(NESTED_MAIL)
             return
         address, options, params = path
-        refusal = self._mail_parameters(params)
+        smtputf8 = params.get("SMTPUTF8") is True
+        refusal = self._mail_parameters(params) or _eight_bit(address, smtputf8)
         if refusal is not None:
             self._send(refusal)
             return
         reply = await self.session.mail("" if address == "<>" else address, options)
         self._mail = reply.positive
+        self._smtputf8 = smtputf8 and reply.positive
         self._send(reply)
 
     def _mail_parameters(self, params: dict[str, str | bool]) -> Reply | None:
@@ -632,7 +647,7 @@ class SmtpServer(asyncio.Protocol):
         params.pop("BODY", None)
         size = params.pop("SIZE", None)
         if size is not None:
-            if isinstance(size, bool) or not size.isdigit():
+            if isinstance(size, bool) or not (size.isascii() and size.isdigit()):
                 return _syntax("MAIL FROM:<address> [SP <mail-parameters>]")
             if int(size) > self.limits.message_size:
                 return MESSAGE_TOO_BIG
@@ -657,9 +672,20 @@ class SmtpServer(asyncio.Protocol):
         if params:
             self._send(RCPT_PARAMETERS)
             return
+        refusal = _eight_bit(address, self._smtputf8)
+        if refusal is not None:
+            self._send(refusal)
+            return
         reply = await self.session.rcpt(address)
         if reply.positive:
             self._rcpts += 1
+        elif reply is TOO_MANY_RECIPIENTS:
+            # RFC 5321 §4.5.3.1.10: the client sends the rest later; not an error
+            # until it overshoots by limits.recipient_overshoot (Postfix's
+            # smtpd_recipient_overshoot_limit).
+            self._overshoot += 1
+            self._send(reply, count=self._overshoot > self.limits.recipient_overshoot)
+            return
         self._send(reply)
 
     async def _data_command(self, arg: str) -> None:
@@ -752,6 +778,17 @@ class SmtpServer(asyncio.Protocol):
         self._helo, self._esmtp = None, False  # the client must greet again
         self._new_transaction()
         self.session.tls_started()
+
+
+def _eight_bit(address: str, smtputf8: bool) -> Reply | None:
+    """The refusal of a non-ASCII address: not valid UTF-8, or no SMTPUTF8 (RFC 6531 §3.2)."""
+    if address.isascii():
+        return None
+    try:
+        address.encode("utf-8")  # undecodable bytes came in as lone surrogates
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    return None if smtputf8 else NEED_SMTPUTF8
 
 
 _Command = Callable[[SmtpServer, str], Awaitable[None]]

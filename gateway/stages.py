@@ -15,7 +15,11 @@ policy order (``tryfirst``/``trylast`` respected):
   recorded as "would have" (``rule:action(monitor)`` on the decision line, and
   in the verdict metrics) and changes nothing; an ``off`` verdict is dropped;
 - an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
-  mode it is only logged), so no mail passes a filter that did not run.
+  mode it is only logged), so no mail passes a filter that did not run;
+- so does a result that is not None or a sound Verdict (:func:`bad_result`:
+  another type, a code that contradicts the action, a NaN or infinite
+  score): it is logged once with the plugin's name and recorded as
+  ``PLUGIN.bad_result`` on the decision line.
 
 Each stage's outcome and duration, and each plugin failure, are reported to
 the runtime's observers (``mailgate.observer``: metrics, ``mailgate test``).
@@ -34,11 +38,24 @@ from typing import Any
 from mailgate.context import Scorecard, VerdictRecord
 from mailgate.observer import Observer
 from mailgate.registry import EVENTS, STAGES, PluginSet, PluginSettings
-from mailgate.verdict import Action, Reply, Verdict
+from mailgate.verdict import Action, Reply, Verdict, VerdictError, contradiction
 
 log = logging.getLogger("mailgate.plugins")
 
 PLUGIN_FAILURE = Reply(451, "Temporary filter failure, try again later", "4.3.0")
+
+
+def bad_result(result: object) -> str | None:
+    """Why one verdict of a hook's result cannot be applied, or None when it is a sound Verdict.
+
+    The one check every hook result passes before the runner applies it: the
+    type (a :class:`Verdict`, nothing else), then the verdict's parts
+    (:func:`mailgate.verdict.contradiction`: code against action, a finite score).
+    """
+    if not isinstance(result, Verdict):
+        return f"returned {type(result).__name__}, not a Verdict or None"
+    problem = contradiction(result)
+    return None if problem is None else f"contradictory verdict {result.rule!r}: {problem}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +124,15 @@ class StageRunner:
             monitor = impl.settings.mode == "monitor"
             try:
                 result = await self._call(impl, kwargs)
+            except VerdictError as exc:
+                # The plugin tried to build a contradictory verdict: a bad result, not a crash.
+                self._bad_result(
+                    impl, stage, txn_id, f"contradictory verdict: {exc}", card, outcome
+                )
+                if monitor:
+                    continue
+                outcome.reply = PLUGIN_FAILURE
+                return outcome
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
                     what = f"timed out after {impl.settings.timeout:g}s"
@@ -138,15 +164,9 @@ class StageRunner:
             if result is None:
                 continue
             verdicts = result if isinstance(result, list | tuple) else (result,)
-            if not all(isinstance(v, Verdict) for v in verdicts):
-                log.error(
-                    "plugin error: txn=%s plugin=%s hook=%s returned %r, not a Verdict or None",
-                    txn_id,
-                    impl.plugin,
-                    stage,
-                    type(result).__name__,
-                )
-                self.observer.plugin_failed(impl.plugin, stage, "bad_result")
+            problem = next(filter(None, map(bad_result, verdicts)), None)
+            if problem is not None:
+                self._bad_result(impl, stage, txn_id, problem, card, outcome)
                 if monitor:
                     continue
                 outcome.reply = PLUGIN_FAILURE
@@ -203,6 +223,32 @@ class StageRunner:
             outcome.accepted_by = result.rule
         outcome.reply = result.reply()
         return True
+
+    def _bad_result(
+        self,
+        impl: _Impl,
+        stage: str,
+        txn_id: str,
+        problem: str,
+        card: Scorecard,
+        outcome: StageOutcome,
+    ) -> None:
+        """Log, count and record a hook result that cannot be applied (``PLUGIN.bad_result``)."""
+        monitor = impl.settings.mode == "monitor"
+        log.error(
+            "plugin error: txn=%s plugin=%s hook=%s bad result: %s%s",
+            txn_id,
+            impl.plugin,
+            stage,
+            problem,
+            " (monitor: ignored)" if monitor else "",
+        )
+        self.observer.plugin_failed(impl.plugin, stage, "bad_result")
+        record = VerdictRecord(
+            impl.plugin, stage, f"{impl.plugin}.bad_result", "tempfail", problem, not monitor
+        )
+        card.verdicts.append(record)
+        outcome.records.append(record)
 
     async def run_event(self, event: str, **kwargs: Any) -> None:
         """Run an event hook; errors are logged and never reach the client."""

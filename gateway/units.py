@@ -57,7 +57,10 @@ def parse_size(value: object) -> int:
         unit = m.group(2).lower()
         if unit not in _SIZE_UNITS:
             raise ValueError(f"unknown size unit {m.group(2)!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
-        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        number = float(m.group(1)) * _SIZE_UNITS[unit]
+        if number > 2**62:  # also infinity, from a number too long for a float
+            raise ValueError("size is too large")
+        size = int(number)
     else:
         raise ValueError(f"expected a size like 25MB, got {value!r}")
     if size < 0:

@@ -9,10 +9,18 @@ rule id and the reason.
 from __future__ import annotations
 
 import enum
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mailgate.rewrite import HeaderStrip
+
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 class.subject.detail
+
+
+class VerdictError(ValueError):
+    """A verdict whose parts contradict each other (see :func:`contradiction`)."""
 
 
 class Action(enum.Enum):
@@ -59,7 +67,13 @@ class Verdict:
     """One plugin's decision at one stage.
 
     Build verdicts with the class methods :meth:`accept`, :meth:`reject`,
-    :meth:`tempfail` and :meth:`tag` rather than the constructor.
+    :meth:`tempfail` and :meth:`tag` rather than the constructor. Whichever
+    way it is built, a verdict's code must agree with its action (reject
+    5xx, tempfail 4xx, accept and tag no reply of their own) and its score
+    must be a finite number: anything else raises :class:`VerdictError` (a
+    ``ValueError``) here, and
+    the stage runner checks again before it applies a verdict
+    (:func:`contradiction`).
     """
 
     action: Action
@@ -72,6 +86,11 @@ class Verdict:
     headers: tuple[tuple[str, str], ...] = field(default=())
     strip: tuple[HeaderStrip, ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        problem = contradiction(self)
+        if problem is not None:
+            raise VerdictError(problem)
+
     @classmethod
     def accept(cls, rule: str, reason: str) -> Verdict:
         """End the stage with no objection (an allow-list hit, say)."""
@@ -82,8 +101,6 @@ class Verdict:
         cls, rule: str, reason: str, *, code: int = 550, status: str = "5.7.1", text: str = ""
     ) -> Verdict:
         """Refuse permanently (5xx). ``text`` is the reply text; it defaults to ``reason``."""
-        if not 500 <= code <= 599:
-            raise ValueError(f"a reject needs a 5xx code, not {code}")
         return cls(Action.REJECT, rule, reason, code, status, text or reason)
 
     @classmethod
@@ -91,8 +108,6 @@ class Verdict:
         cls, rule: str, reason: str, *, code: int = 451, status: str = "4.7.1", text: str = ""
     ) -> Verdict:
         """Refuse for now (4xx): the client should try again later."""
-        if not 400 <= code <= 499:
-            raise ValueError(f"a tempfail needs a 4xx code, not {code}")
         return cls(Action.TEMPFAIL, rule, reason, code, status, text or reason)
 
     @classmethod
@@ -124,3 +139,41 @@ class Verdict:
         if self.action in (Action.REJECT, Action.TEMPFAIL):
             return Reply(self.code, self.text, self.status)
         return None
+
+
+def contradiction(verdict: Verdict) -> str | None:
+    """What makes ``verdict`` unusable, or None when its parts agree.
+
+    A reject needs a 5xx code, a tempfail a 4xx code; an accept or a tag gives
+    no reply of its own, so it carries no code, status or text; the score is a
+    finite number (NaN would compare false with every threshold, and
+    infinity would decide alone). Checked when a verdict is built and again
+    where the stage runner applies it.
+    """
+    # Typed as object: a verdict built past its constructor may hold anything.
+    action: object = verdict.action
+    code: object = verdict.code
+    if not isinstance(action, Action):
+        return f"action {action!r} is not an Action"
+    if not isinstance(code, int) or isinstance(code, bool):
+        return f"code {code!r} is not an integer"
+    if action is Action.REJECT and not 500 <= code <= 599:
+        return f"a reject needs a 5xx code, not {code}"
+    if action is Action.TEMPFAIL and not 400 <= code <= 499:
+        return f"a tempfail needs a 4xx code, not {code}"
+    if action in (Action.ACCEPT, Action.TAG) and (code or verdict.status or verdict.text):
+        what = f"{code} {verdict.status} {verdict.text}".strip()
+        return f"{action.value} gives no reply of its own, yet carries {what!r}"
+    status = verdict.status
+    if status and (not isinstance(status, str) or not _STATUS.fullmatch(status)):
+        return f"status {status!r} is not an enhanced status code like 5.7.1"
+    if status and status[0] != str(code)[0]:
+        return f"status {status} contradicts code {code}"
+    score = verdict.score
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        return f"score {score!r} is not a number"
+    if not math.isfinite(score):
+        return f"score {score!r} is not a finite number"
+    if not isinstance(verdict.rule, str) or not verdict.rule:
+        return "no rule id"
+    return None

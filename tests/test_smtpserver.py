@@ -147,14 +147,15 @@ def test_the_final_dot_is_found_however_the_reads_split_it():
 
 
 def test_a_message_over_the_size_limit_is_refused_however_the_reads_split_it():
-    limits = Limits(message_size=len(WIRE) - 1)
+    limits = Limits(message_size=len(MESSAGE) - 1)  # RFC 1870: the unstuffed size counts
     for pieces in every_split(WIRE + b".\r\n"):
         assert read_in_pieces(pieces, limits) == MESSAGE_TOO_BIG, pieces
 
 
 @pytest.mark.parametrize("under", [0, 1])
 def test_a_message_at_the_size_limit_survives_a_split_final_dot(under):
-    limits = Limits(message_size=len(WIRE) + under)
+    assert len(WIRE) > len(MESSAGE)  # the doubled dots do not count (RFC 1870)
+    limits = Limits(message_size=len(MESSAGE) + under)
     for pieces in every_split(WIRE + b".\r\n"):
         assert read_in_pieces(pieces, limits) == MESSAGE, pieces
 
