@@ -167,9 +167,9 @@ def render(results: Results) -> str:
         out += ["", "### Memory (RSS of the system's processes, MiB unless noted)", ""]
         out.append(
             "| system | baseline | with idle connections | KiB per idle connection "
-            "| peak, concurrent big messages |"
+            "| peak, concurrent big messages | peak / bytes in flight |"
         )
-        out.append("|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|")
         for key, m in results.memory.items():
             idle = m.get("idle_kb")
             per = m.get("per_idle_kb")
@@ -178,10 +178,11 @@ def render(results: Results) -> str:
             per_text = _fmt(per if isinstance(per, float) else None, ".1f")
             if isinstance(per, float) and per < 0:
                 per_text = "n/a (the heap shrank meanwhile: GC)"
+            ratio = m.get("big_ratio")
             out.append(
                 f"| {results.systems[key]['label']} | {_mib(m.get('baseline_kb'))} | "
                 f"{_mib(idle) if idle is not None else m.get('idle_error', '-')} | "
-                f"{per_text} | {big} |"
+                f"{per_text} | {big} | {_fmt(ratio if isinstance(ratio, float) else None, '.2f')} |"
             )
     out += ["", "### Targets", ""]
     out += _targets(results)
@@ -224,6 +225,12 @@ def _targets(results: Results) -> list[str]:
         lines.append(
             f"- RSS <= 30 KiB per idle connection: {per:.1f} KiB -> "
             f"{'met' if per <= 30 else 'MISSED'}"
+        )
+    ratio = mem.get("big_ratio")
+    if isinstance(ratio, float) and not mem.get("big_error"):
+        lines.append(
+            f"- peak RSS <= 1.3 x bytes in flight (concurrent big messages): {ratio:.2f} -> "
+            f"{'met' if ratio <= 1.3 else 'MISSED'}"
         )
     return lines
 

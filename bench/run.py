@@ -200,6 +200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--driver", choices=("auto", "smtp-source", "asyncio"), default="auto")
     p.add_argument("--no-haraka", action="store_true", help="skip the Haraka runs")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak RSS with concurrent big messages (no throughput, latency, idle)",
+    )
     p.add_argument("--only", default="", help="comma-separated system keys to run (and direct)")
     p.add_argument(
         "--scratch",
@@ -251,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(sink)
             sys_list = start_systems(args, run_dir, sink_port, dns.address, procs, results)
             print(f"started {len(sys_list)} systems", flush=True)
-            if not args.no_memory:
+            if not (args.no_memory or args.memory_only):
                 idle_memory(args, sys_list, results)
-            throughput(args, sys_list, gen, sink_port, results)
-            latency(args, sys_list, msg.data, results)
+            if not args.memory_only:
+                throughput(args, sys_list, gen, sink_port, results)
+                latency(args, sys_list, msg.data, results)
             if not args.no_memory:
                 big_memory(args, sys_list, sink_port, results)
     finally:
@@ -474,8 +480,14 @@ def idle_memory(args: argparse.Namespace, sys_list: list[System], results: Resul
 def big_memory(
     args: argparse.Namespace, sys_list: list[System], sink_port: int, results: Results
 ) -> None:
-    """Peak RSS while ``--big-count`` messages of ``--big-mb`` MB arrive at once."""
+    """Peak RSS while ``--big-count`` messages of ``--big-mb`` MB arrive at once.
+
+    Bytes in flight are the messages' bytes together (count x size): the peak
+    RSS over them is the figure the target (<= 1.3) is set for.
+    """
     big = message.big(args.big_mb * 1_000_000)
+    in_flight = args.big_count * len(big)
+    results.settings["big messages"] = f"{args.big_count} x {len(big)} bytes at once"
     for system in _memory_systems(sys_list):
         assert system.proc is not None
         entry = results.memory.setdefault(system.key, {})
@@ -484,9 +496,14 @@ def big_memory(
         entry["big_before_kb"] = system.proc.rss_kb()
         errors = driver.parallel_big(system.port, args.big_count, message.SENDER, big, "big")
         count = settled_count(sink_port, args.big_count)
-        entry["big_peak_kb"] = system.proc.peak_kb()
+        entry["big_peak_kb"] = peak = system.proc.peak_kb()
+        entry["big_in_flight_bytes"] = in_flight
+        entry["big_ratio"] = peak * 1024 / in_flight
         entry["big_error"] = "; ".join(errors[:3]) or count.check(args.big_count)
-        print(f"  big {system.key:24} peak {entry['big_peak_kb']} KiB", flush=True)
+        print(
+            f"  big {system.key:24} peak {peak} KiB, {entry['big_ratio']:.2f}x bytes in flight",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
