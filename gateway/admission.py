@@ -1,4 +1,4 @@
-"""Who may hold a connection: limits on connections in total and per client address.
+"""Who may hold a connection, and who may send a message now: connections, DATA, memory.
 
 One :class:`ConnectionCounter` is shared by every listener of a process (the
 ``workers`` of a multi-process gateway count separately). The protocol
@@ -7,7 +7,15 @@ total there, before anything else runs; it checks the per-address limit just
 before the greeting, once the real client address is known (after a PROXY
 header). Clients in ``trusted_networks`` are exempt from the per-address limit,
 as Postfix exempts ``$mynetworks``. A refused client gets ``421 4.7.0`` and is
-disconnected.
+disconnected. The same counter counts the DATA phases of each address
+(``limits.data_per_ip``, trusted networks exempt too): one more gets
+``451 4.7.1`` before the 354.
+
+:class:`MemoryBudget` counts the bytes of message data the process holds
+(``limits.memory``, split between the ``workers``): a DATA phase charges its
+buffer as it grows and the message until its reply is sent. One budget serves
+the whole process (:data:`PROCESS_BUDGET`), whatever listener or policy (after
+a reload) a connection has.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from mailgate.verdict import Reply
 
 TOO_MANY_CONNECTIONS = Reply(421, "Too many connections, try again later", "4.7.0")
 TOO_MANY_FROM_YOU = Reply(421, "Too many connections from your address, try again later", "4.7.0")
+TOO_MANY_MESSAGES = Reply(
+    451, "Too many messages in transfer from your address, try again later", "4.7.1"
+)
+OUT_OF_MEMORY = Reply(452, "Insufficient system storage", "4.3.1")
 
 
 class ConnectionCounter:
@@ -27,6 +39,8 @@ class ConnectionCounter:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: Counter[IPAddress] = Counter()
+        self.data_per_ip: Counter[IPAddress] = Counter()
+        """DATA phases under way, per client address (trusted clients are not counted)."""
 
     def open(self, limit: int) -> bool:
         """Count a new connection; False (and not counted) when ``limit`` are already open."""
@@ -51,3 +65,50 @@ class ConnectionCounter:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+
+    def claim_data(self, ip: IPAddress, limit: int) -> bool:
+        """Count a DATA phase of ``ip``; False (and not counted) when it already has ``limit``."""
+        if self.data_per_ip[ip] >= limit:
+            return False
+        self.data_per_ip[ip] += 1
+        return True
+
+    def release_data(self, ip: IPAddress) -> None:
+        """Forget a DATA phase of ``ip`` that :meth:`claim_data` counted."""
+        self.data_per_ip[ip] -= 1
+        if self.data_per_ip[ip] <= 0:
+            del self.data_per_ip[ip]
+
+
+class MemoryBudget:
+    """The bytes of message data the process holds, against ``limits.memory``.
+
+    The limit is passed to each check (it comes from the policy a connection
+    started with, so a reload changes it for new DATA phases at once).
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        """Bytes charged now: DATA buffers being filled and messages not yet answered."""
+        self.peak = 0
+        """The most ever charged at once (for tests and benchmarks)."""
+
+    def has_room(self, limit: int) -> bool:
+        """True while less than ``limit`` is charged: a new DATA phase may start."""
+        return self.in_flight < limit
+
+    def charge(self, size: int, limit: int) -> bool:
+        """Charge ``size`` bytes; False (and nothing charged) if that would pass ``limit``."""
+        if self.in_flight + size > limit:
+            return False
+        self.in_flight += size
+        self.peak = max(self.peak, self.in_flight)
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back ``size`` bytes that :meth:`charge` took."""
+        self.in_flight -= size
+
+
+PROCESS_BUDGET = MemoryBudget()
+"""The budget of this process (a forked worker starts its own at zero)."""
