@@ -112,13 +112,9 @@ def _ratio_table(results: Results, by: str) -> list[str]:
     return out
 
 
-def render(results: Results) -> str:
-    """The whole report as markdown."""
-    out: list[str] = ["## Results", ""]
-    out.append("Machine: " + "; ".join(f"{k}: {v}" for k, v in results.machine.items()) + ".")
-    out.append("")
-    out.append("Settings: " + "; ".join(f"{k}: {v}" for k, v in results.settings.items()) + ".")
-    out.append("")
+def _load_sections(results: Results) -> list[str]:
+    """The throughput, ratio and latency tables."""
+    out: list[str] = []
     out += ["### Throughput (messages/s, median of the rounds; CPU ms per message)", ""]
     out.append("| system | processes | 1 rcpt msg/s | CPU ms/msg | 5 rcpt msg/s | CPU ms/msg |")
     out.append("|---|---|---|---|---|---|")
@@ -163,6 +159,18 @@ def render(results: Results) -> str:
             f"| {results.systems[key]['label']} | {lat['messages']:.0f} | {lat['mean']:.2f} | "
             f"{lat['p50']:.2f} | {lat['p99']:.2f} | " + " | ".join(added) + " |"
         )
+    return out
+
+
+def render(results: Results) -> str:
+    """The whole report as markdown."""
+    out: list[str] = ["## Results", ""]
+    out.append("Machine: " + "; ".join(f"{k}: {v}" for k, v in results.machine.items()) + ".")
+    out.append("")
+    out.append("Settings: " + "; ".join(f"{k}: {v}" for k, v in results.settings.items()) + ".")
+    out.append("")
+    if results.runs or results.latency:  # not with --memory-only
+        out += _load_sections(results)
     if results.memory:
         out += ["", "### Memory (RSS of the system's processes, MiB unless noted)", ""]
         out.append(
@@ -179,8 +187,9 @@ def render(results: Results) -> str:
             if isinstance(per, float) and per < 0:
                 per_text = "n/a (the heap shrank meanwhile: GC)"
             ratio = m.get("big_ratio")
+            base = m.get("baseline_kb", m.get("big_before_kb"))  # --memory-only: before the load
             out.append(
-                f"| {results.systems[key]['label']} | {_mib(m.get('baseline_kb'))} | "
+                f"| {results.systems[key]['label']} | {_mib(base)} | "
                 f"{_mib(idle) if idle is not None else m.get('idle_error', '-')} | "
                 f"{per_text} | {big} | {_fmt(ratio if isinstance(ratio, float) else None, '.2f')} |"
             )
@@ -201,7 +210,7 @@ def _mib(kb: object) -> str:
 def _targets(results: Results) -> list[str]:
     lines = []
     for by, view in (("rate", "throughput"), ("cpu", "CPU per message")):
-        for what, values, target, minimum in ratio_rows(results, by):
+        for what, values, target, minimum in ratio_rows(results, by) if results.runs else []:
             if minimum is None:
                 continue
             shown = ", ".join(_fmt(v, ".2f") for v in values)

@@ -31,6 +31,10 @@ TOO_MANY_MESSAGES = Reply(
     451, "Too many messages in transfer from your address, try again later", "4.7.1"
 )
 OUT_OF_MEMORY = Reply(452, "Insufficient system storage", "4.3.1")
+MEMORY_RULE = "limits.memory"
+"""The rule id of a refusal for the memory budget, in the decision line."""
+DATA_PER_IP_RULE = "limits.data_per_ip"
+"""The rule id of a refusal for ``limits.data_per_ip``, in the decision line."""
 
 
 class ConnectionCounter:

@@ -67,6 +67,8 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from mailgate.admission import (
+    DATA_PER_IP_RULE,
+    MEMORY_RULE,
     OUT_OF_MEMORY,
     PROCESS_BUDGET,
     TOO_MANY_CONNECTIONS,
@@ -153,14 +155,20 @@ def longest_line_over(data: bytes | bytearray, limit: int, stop: int | None = No
 
 
 def unstuff(data: bytes | bytearray, end: int | None = None) -> bytes:
-    """``data[:end]`` without the dot that starts a line (RFC 5321 §4.5.2 transparency).
+    """``data[:end]`` without the dot that starts a line (RFC 5321 §4.5.2 transparency)."""
+    return _unstuff_rest(_copy_unstuffed_first(data, end))
 
-    One copy of the bytes; a second only when a line after the first starts with a dot.
-    """
+
+def _copy_unstuffed_first(data: bytes | bytearray, end: int | None) -> bytes:
+    """A copy of ``data[:end]``, without the first line's stuffing dot."""
     lead = 1 if data[:1] == b"." else 0
     with memoryview(data) as view:
-        out = bytes(view[lead:end])
-    return out.replace(b"\r\n.", b"\r\n")
+        return bytes(view[lead:end])
+
+
+def _unstuff_rest(data: bytes) -> bytes:
+    """``data`` without the stuffing dot of every line after the first (no copy if none)."""
+    return data.replace(b"\r\n.", b"\r\n")
 
 
 class SmtpServer(asyncio.Protocol):
@@ -460,10 +468,12 @@ class SmtpServer(asyncio.Protocol):
             return refusal
         line_length = self.limits.line_length
         too_long = end > line_length and longest_line_over(buf, line_length, end)
-        # The message is copied out of the buffer once, then the buffer goes.
-        data = b"" if too_long else unstuff(buf, end)
+        # Copied out of the buffer once, and the buffer goes before any other copy
+        # (the unstuffing) is made: a message is never held three times.
+        data = b"" if too_long else _copy_unstuffed_first(buf, end)
         del buf[: end + 3]
         self._scan = 0
+        data = _unstuff_rest(data)
         self._hold(len(data))
         return LINE_TOO_LONG if too_long else data
 
@@ -484,12 +494,12 @@ class SmtpServer(asyncio.Protocol):
         assert session is not None
         if not self.budget.has_room(self._memory_cap):
             reason = f"{self.budget.in_flight} bytes in flight, budget {self._memory_cap}"
-            return _limit("limits.memory", reason)
+            return _limit(MEMORY_RULE, reason)
         if not session.trusted:
             limit = self.limits.data_per_ip
             if not self.counter.claim_data(session.client_ip, limit):
                 reason = f"{limit} messages in transfer from {session.client_ip}"
-                return _limit("limits.data_per_ip", reason)
+                return _limit(DATA_PER_IP_RULE, reason)
             self._data_claim = session.client_ip
         return None
 
@@ -755,7 +765,7 @@ class SmtpServer(asyncio.Protocol):
             return
         refused = self._claim_data()
         if refused is not None:
-            reply = OUT_OF_MEMORY if refused.rule == "limits.memory" else TOO_MANY_MESSAGES
+            reply = OUT_OF_MEMORY if refused.rule == MEMORY_RULE else TOO_MANY_MESSAGES
             self._new_transaction()
             await self.session.refuse_data(reply, record=refused)
             self._send(reply)
@@ -776,7 +786,7 @@ class SmtpServer(asyncio.Protocol):
             record = None
             if message is OUT_OF_MEMORY:
                 reason = f"the message passed the budget of {self._memory_cap} bytes in flight"
-                record = _limit("limits.memory", reason)
+                record = _limit(MEMORY_RULE, reason)
             await self.session.refuse_data(message, record=record)
             self._send(message)
             return
