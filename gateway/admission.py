@@ -20,10 +20,14 @@ a reload) a connection has.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from collections import Counter
 
 from mailgate.context import IPAddress
 from mailgate.verdict import Reply
+
+log = logging.getLogger("mailgate.admission")
 
 TOO_MANY_CONNECTIONS = Reply(421, "Too many connections, try again later", "4.7.0")
 TOO_MANY_FROM_YOU = Reply(421, "Too many connections from your address, try again later", "4.7.0")
@@ -116,3 +120,29 @@ class MemoryBudget:
 
 PROCESS_BUDGET = MemoryBudget()
 """The budget of this process (a forked worker starts its own at zero)."""
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 1024 * 1024
+"""Allocations from this size up are mapped on their own (see :func:`tune_allocator`)."""
+
+
+def tune_allocator() -> bool:
+    """Have glibc map every buffer of ``MMAP_THRESHOLD`` or more on its own; True if it took.
+
+    By default glibc raises that threshold to the size of the last big block
+    freed (up to 32 MB), so once a first round of big messages is gone, the
+    next round's buffers come from the heap, which fragments and is not given
+    back: measured, the peak RSS of a second round of 20 x 10 MB messages was
+    1.4-1.5 x the bytes in flight instead of 0.9 x. A fixed threshold keeps
+    every message buffer in its own mapping, returned to the system when freed
+    (and grown in place by ``mremap``). Elsewhere than glibc it does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    if not ok:
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    return ok
