@@ -458,9 +458,8 @@ class SmtpServer(asyncio.Protocol):
             self._in_data = False
             self._data_deadline = None
             self._stop_timer()
-        size = dropped + end
-        if refusal is None and size > limit:
-            refusal = MESSAGE_TOO_BIG
+        if dropped + end > limit:
+            refusal = MESSAGE_TOO_BIG  # permanent: it takes precedence over the memory's 4xx
         if refusal is not None:
             del buf[: end + 3]
             self._hold(0)

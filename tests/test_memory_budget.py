@@ -226,6 +226,17 @@ def test_message_past_the_budget_is_dropped_and_refused_after_its_dot(
     assert len(refused) == 1 and "rcpts=<b2@example.com>" in refused[0]
 
 
+def test_a_message_too_big_gets_552_even_past_the_budget(
+    make_gateway: Callable[..., RunningGateway], budget_empty: None
+) -> None:
+    """Past both limits the permanent refusal wins: retrying would not help."""
+    gw = make_gateway(limits={"memory": "2MB", "message_size": "2500KB"})
+    with open_data(gw.port, 1) as client:
+        client.send(wire(big_message(1, 3 * MB)) + b".\r\n")
+        assert client.reply() == (552, b"5.3.4 Message too big")
+    assert wait_for(lambda: PROCESS_BUDGET.in_flight == 0), PROCESS_BUDGET.in_flight
+
+
 def test_workers_share_the_budget(
     make_gateway: Callable[..., RunningGateway], budget_empty: None
 ) -> None:
