@@ -112,13 +112,9 @@ def _ratio_table(results: Results, by: str) -> list[str]:
     return out
 
 
-def render(results: Results) -> str:
-    """The whole report as markdown."""
-    out: list[str] = ["## Results", ""]
-    out.append("Machine: " + "; ".join(f"{k}: {v}" for k, v in results.machine.items()) + ".")
-    out.append("")
-    out.append("Settings: " + "; ".join(f"{k}: {v}" for k, v in results.settings.items()) + ".")
-    out.append("")
+def _load_sections(results: Results) -> list[str]:
+    """The throughput, ratio and latency tables."""
+    out: list[str] = []
     out += ["### Throughput (messages/s, median of the rounds; CPU ms per message)", ""]
     out.append("| system | processes | 1 rcpt msg/s | CPU ms/msg | 5 rcpt msg/s | CPU ms/msg |")
     out.append("|---|---|---|---|---|---|")
@@ -163,13 +159,25 @@ def render(results: Results) -> str:
             f"| {results.systems[key]['label']} | {lat['messages']:.0f} | {lat['mean']:.2f} | "
             f"{lat['p50']:.2f} | {lat['p99']:.2f} | " + " | ".join(added) + " |"
         )
+    return out
+
+
+def render(results: Results) -> str:
+    """The whole report as markdown."""
+    out: list[str] = ["## Results", ""]
+    out.append("Machine: " + "; ".join(f"{k}: {v}" for k, v in results.machine.items()) + ".")
+    out.append("")
+    out.append("Settings: " + "; ".join(f"{k}: {v}" for k, v in results.settings.items()) + ".")
+    out.append("")
+    if results.runs or results.latency:  # not with --memory-only
+        out += _load_sections(results)
     if results.memory:
         out += ["", "### Memory (RSS of the system's processes, MiB unless noted)", ""]
         out.append(
             "| system | baseline | with idle connections | KiB per idle connection "
-            "| peak, concurrent big messages |"
+            "| peak, concurrent big messages | peak / bytes in flight |"
         )
-        out.append("|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|")
         for key, m in results.memory.items():
             idle = m.get("idle_kb")
             per = m.get("per_idle_kb")
@@ -178,10 +186,12 @@ def render(results: Results) -> str:
             per_text = _fmt(per if isinstance(per, float) else None, ".1f")
             if isinstance(per, float) and per < 0:
                 per_text = "n/a (the heap shrank meanwhile: GC)"
+            ratio = m.get("big_ratio")
+            base = m.get("baseline_kb", m.get("big_before_kb"))  # --memory-only: before the load
             out.append(
-                f"| {results.systems[key]['label']} | {_mib(m.get('baseline_kb'))} | "
+                f"| {results.systems[key]['label']} | {_mib(base)} | "
                 f"{_mib(idle) if idle is not None else m.get('idle_error', '-')} | "
-                f"{per_text} | {big} |"
+                f"{per_text} | {big} | {_fmt(ratio if isinstance(ratio, float) else None, '.2f')} |"
             )
     out += ["", "### Targets", ""]
     out += _targets(results)
@@ -200,7 +210,7 @@ def _mib(kb: object) -> str:
 def _targets(results: Results) -> list[str]:
     lines = []
     for by, view in (("rate", "throughput"), ("cpu", "CPU per message")):
-        for what, values, target, minimum in ratio_rows(results, by):
+        for what, values, target, minimum in ratio_rows(results, by) if results.runs else []:
             if minimum is None:
                 continue
             shown = ", ".join(_fmt(v, ".2f") for v in values)
@@ -224,6 +234,12 @@ def _targets(results: Results) -> list[str]:
         lines.append(
             f"- RSS <= 30 KiB per idle connection: {per:.1f} KiB -> "
             f"{'met' if per <= 30 else 'MISSED'}"
+        )
+    ratio = mem.get("big_ratio")
+    if isinstance(ratio, float) and not mem.get("big_error"):
+        lines.append(
+            f"- peak RSS <= 1.3 x bytes in flight (concurrent big messages): {ratio:.2f} -> "
+            f"{'met' if ratio <= 1.3 else 'MISSED'}"
         )
     return lines
 

@@ -197,9 +197,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS figure")
     p.add_argument("--big-count", type=int, default=20)
     p.add_argument("--big-mb", type=int, default=10)
+    p.add_argument(
+        "--big-rounds", type=int, default=2, help="rounds of big messages; the highest peak counts"
+    )
     p.add_argument("--driver", choices=("auto", "smtp-source", "asyncio"), default="auto")
     p.add_argument("--no-haraka", action="store_true", help="skip the Haraka runs")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak RSS with concurrent big messages (no throughput, latency, idle)",
+    )
     p.add_argument("--only", default="", help="comma-separated system keys to run (and direct)")
     p.add_argument(
         "--scratch",
@@ -211,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.messages, args.reps, args.latency_messages = 100, 1, 30
-        args.idle, args.big_count, args.big_mb = 50, 2, 1
+        args.idle, args.big_count, args.big_mb, args.big_rounds = 50, 2, 1, 1
     return args
 
 
@@ -251,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(sink)
             sys_list = start_systems(args, run_dir, sink_port, dns.address, procs, results)
             print(f"started {len(sys_list)} systems", flush=True)
-            if not args.no_memory:
+            if not (args.no_memory or args.memory_only):
                 idle_memory(args, sys_list, results)
-            throughput(args, sys_list, gen, sink_port, results)
-            latency(args, sys_list, msg.data, results)
+            if not args.memory_only:
+                throughput(args, sys_list, gen, sink_port, results)
+                latency(args, sys_list, msg.data, results)
             if not args.no_memory:
                 big_memory(args, sys_list, sink_port, results)
     finally:
@@ -474,19 +483,43 @@ def idle_memory(args: argparse.Namespace, sys_list: list[System], results: Resul
 def big_memory(
     args: argparse.Namespace, sys_list: list[System], sink_port: int, results: Results
 ) -> None:
-    """Peak RSS while ``--big-count`` messages of ``--big-mb`` MB arrive at once."""
+    """Peak RSS while ``--big-count`` messages of ``--big-mb`` MB arrive at once.
+
+    Bytes in flight are the messages' bytes together (count x size): the peak
+    RSS over them is the figure the target (<= 1.3) is set for. The load is
+    sent ``--big-rounds`` times (a second round shows what a process that has
+    already freed big buffers does) and the highest peak counts.
+    """
     big = message.big(args.big_mb * 1_000_000)
+    in_flight = args.big_count * len(big)
+    results.settings["big messages"] = (
+        f"{args.big_count} x {len(big)} bytes at once, {args.big_rounds} round(s)"
+    )
     for system in _memory_systems(sys_list):
         assert system.proc is not None
         entry = results.memory.setdefault(system.key, {})
-        driver.sink_command(sink_port, "XRESET")
-        system.proc.reset_peak()
         entry["big_before_kb"] = system.proc.rss_kb()
-        errors = driver.parallel_big(system.port, args.big_count, message.SENDER, big, "big")
-        count = settled_count(sink_port, args.big_count)
-        entry["big_peak_kb"] = system.proc.peak_kb()
-        entry["big_error"] = "; ".join(errors[:3]) or count.check(args.big_count)
-        print(f"  big {system.key:24} peak {entry['big_peak_kb']} KiB", flush=True)
+        peaks: list[int] = []
+        problems: list[str] = []
+        for round_ in range(args.big_rounds):
+            driver.sink_command(sink_port, "XRESET")
+            system.proc.reset_peak()
+            tag = f"big{round_}"
+            errors = driver.parallel_big(system.port, args.big_count, message.SENDER, big, tag)
+            count = settled_count(sink_port, args.big_count)
+            peaks.append(system.proc.peak_kb())
+            problems += errors[:3] or [p for p in [count.check(args.big_count)] if p]
+        entry["big_peaks_kb"] = peaks
+        entry["big_peak_kb"] = peak = max(peaks)
+        entry["big_in_flight_bytes"] = in_flight
+        entry["big_ratio"] = peak * 1024 / in_flight
+        entry["big_error"] = "; ".join(problems[:3]) or None
+        rounds = ", ".join(f"{p * 1024 / in_flight:.2f}" for p in peaks)
+        print(
+            f"  big {system.key:24} peak {peak} KiB, {entry['big_ratio']:.2f}x bytes in flight"
+            f" (rounds: {rounds})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ metric                                          labels
 ``mailgate_policy_loaded_timestamp_seconds``    (gauge) when the running policy was loaded
 ``mailgate_draining``                           (gauge) 1 from SIGTERM until exit
 ``mailgate_build_info``                         (gauge, always 1) ``version``
+``mailgate_data_bytes_in_flight``               (gauge) bytes of message data the process
+                                                holds (``limits.memory``)
+``mailgate_memory_refusals_total``              DATA refused for the memory budget
+                                                (``452 4.3.1``, before 354 or after the dot)
 ==============================================  =========================================
 
 Verdicts of the connect and HELO stages are counted at once; those of a
@@ -57,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from mailgate.admission import MEMORY_RULE, PROCESS_BUDGET
 from mailgate.decisionlog import outcome_of
 from mailgate.observer import Observer
 from mailgate.policy import split_host_port
@@ -160,6 +165,15 @@ class Metrics(Observer):
             "mailgate_build_info", "Always 1; the running version", ["version"], registry=r
         )
         self.build_info.labels(version()).set(1)
+        self.data_in_flight = Gauge(
+            "mailgate_data_bytes_in_flight",
+            "Bytes of message data held: DATA buffers and messages not yet answered",
+            registry=r,
+        )
+        self.data_in_flight.set_function(lambda: PROCESS_BUDGET.in_flight)
+        self.memory_refusals = Counter(
+            "mailgate_memory_refusals", "DATA refused for the memory budget (452 4.3.1)", registry=r
+        )
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)
@@ -183,6 +197,8 @@ class Metrics(Observer):
             self._verdict(record.plugin, record.rule, record.action, mode).inc()
             if record.rule.startswith(RATELIMIT_PREFIX):
                 self._hit(record.rule, mode).inc()
+            elif record.rule == MEMORY_RULE:
+                self.memory_refusals.inc()
 
     def stage_done(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
         self._stage(stage.removeprefix("on_")).observe(seconds)

@@ -228,6 +228,10 @@ class Limits(StrictModel):
     """NOOP/RSET/VRFY allowed between deliveries; each one past it counts as an error."""
     line_length: Size = Field(default=65536, ge=1001, le=16 * 1024 * 1024)
     """Longest accepted line, CRLF included; a longer DATA line gets 500 5.5.2 for the message."""
+    memory: Size = Field(default=512_000_000, ge=1_000_000)
+    """Bytes of message data the process may hold (split between ``workers``); past it 452 4.3.1."""
+    data_per_ip: int = Field(default=5, ge=1)
+    """DATA phases at once from one address (trusted networks exempt); one more gets 451 4.7.1."""
 
 
 class Protocol(StrictModel):

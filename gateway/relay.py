@@ -25,7 +25,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import aiosmtplib
@@ -83,6 +83,10 @@ def strict_replies(client: aiosmtplib.SMTP) -> None:
     setattr(protocol, "_read_response_from_buffer", checked)  # noqa: B010 - shadows a method
 
 
+PIECE = 256 * 1024
+"""Bytes of the message dot-stuffed and written upstream at a time."""
+
+
 class UpstreamTransaction(Protocol):
     """One mail transaction with the upstream: the steps the session drives."""
 
@@ -129,24 +133,58 @@ def _path(keyword: bytes, address: str, encoding: str) -> bytes:
     return keyword + b"<" + address.encode(encoding) + b">"
 
 
+def stuffed_pieces(message: bytes, size: int = PIECE) -> Iterator[bytes]:
+    """``message`` dot-stuffed (RFC 5321 §4.5.2), in pieces of about ``size`` bytes.
+
+    Each piece is cut after a CRLF where the window has one (else not between a
+    CR and what follows it), so no ``CRLF .`` straddles two pieces and only a
+    piece at a time is ever copied.
+    """
+    total, start = len(message), 0
+    with memoryview(message) as view:
+        while start < total:
+            end = min(start + size, total)
+            if end < total:
+                cut = message.rfind(b"\r\n", start, end)
+                if cut >= 0:
+                    end = cut + 2
+                elif message[end - 1] == 13 and end - 1 > start:  # a CR: keep it with its LF
+                    end -= 1
+            piece = bytes(view[start:end])
+            if piece[:1] == b"." and (start == 0 or message[start - 2 : start] == b"\r\n"):
+                yield b"."
+            yield piece.replace(b"\r\n.", b"\r\n..")
+            start = end
+
+
 async def _send_content(client: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
     """After the 354: the message dot-stuffed, the final dot, and the upstream's reply.
 
-    One ``bytes.replace`` where aiosmtplib's ``data`` makes two regex passes:
-    what the session relays already has CRLF line endings only (other callers'
-    bare CR or LF are normalised here first).
+    The message is written a piece at a time, waiting whenever the upstream
+    falls behind (``client.timeout`` at most), so no second full copy is ever
+    made; aiosmtplib's ``data`` makes two regex passes over the whole of it.
+    What the session relays already has CRLF line endings only (other
+    callers' bare CR or LF are normalised here first).
     """
     if any(bare_line_endings(message)):
         message = normalize(message)
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    lead = b"." if message[:1] == b"." else b""
-    protocol.write(b"".join((lead, message.replace(b"\r\n.", b"\r\n.."), b".\r\n")))
     try:
+        for piece in stuffed_pieces(message):
+            protocol.write(piece)
+            async with asyncio.timeout(client.timeout):
+                await protocol._drain_helper()  # what StreamWriter.drain awaits
+        ending = b".\r\n" if not message or message.endswith(b"\r\n") else b"\r\n.\r\n"
+        protocol.write(ending)
         return await protocol.read_response(timeout=client.timeout)
+    except TimeoutError:
+        client.close()
+        raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+    except ConnectionResetError:
+        client.close()
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost") from None
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # what aiosmtplib does: a half-read reply leaves it out of step
         raise

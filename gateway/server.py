@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 
+from mailgate.admission import tune_allocator
 from mailgate.listener import start_listeners
 from mailgate.logformat import configure_logging
 from mailgate.metrics import Metrics, MetricsServer
@@ -52,6 +53,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the plugins, then open the listeners and the metrics endpoint."""
+        tune_allocator()  # message buffers mapped on their own, given back when freed
         await self.current.start()
         self.servers = await start_listeners(lambda: self.current)
         if self.current.policy.metrics:

@@ -24,7 +24,7 @@ from mailgate.decisionlog import log_connection, log_transaction
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
 from mailgate.relay import UpstreamTransaction
-from mailgate.rewrite import strip_headers
+from mailgate.rewrite import assemble
 from mailgate.runtime import Runtime
 from mailgate.verdict import Reply
 from mailgate.xclient import ClientIdentity
@@ -193,7 +193,9 @@ class SmtpSession:
     async def data(self, raw: bytes) -> Reply:
         """End of DATA: run on_data and scoring, then relay and return the upstream's reply.
 
-        ``raw`` is the message as received, dot-unstuffed.
+        ``raw`` is the message as received, dot-unstuffed. Pass the only reference:
+        the bytes are let go once the relayed copy (our headers, then the message)
+        is made, so a message is held once while the upstream takes it.
         """
         assert self.session is not None and self.txn is not None
         txn, env, upstream = self.txn, self.txn.envelope, self.txn.upstream
@@ -205,6 +207,8 @@ class SmtpSession:
             await self.refuse_data(screened.reply, len(raw))
             return screened.reply
         raw = screened.data
+        del screened
+        size = len(raw)
         message = Message(raw)
         try:
             outcome = await self.rt.runner.run_stage(
@@ -212,24 +216,32 @@ class SmtpSession:
             )
             reply = outcome.reply or self._apply_scoring(env)
             if reply is not None:
-                await self.refuse_data(reply, len(raw))
+                await self.refuse_data(reply, size)
                 return reply
-            relayed = strip_headers(raw, env.card.strip)
-            upstream_reply = await upstream.data(self._added_headers(env) + relayed)
+            relayed = assemble(self._added_headers(env), raw, env.card.strip)
+            del raw, message  # the relayed copy is all that is held from here
+            upstream_reply = await upstream.data(relayed)
         except BaseException:
-            self._finish("data", None, abort_upstream=True, size=len(raw))
+            self._finish("data", None, abort_upstream=True, size=size)
             raise
         txn.upstream = None
-        self._finish("data", upstream_reply, upstream=upstream_reply, size=len(raw))
+        self._finish("data", upstream_reply, upstream=upstream_reply, size=size)
         if upstream_reply.positive:
             await self.rt.runner.run_event(
                 "on_delivered", session=self.session, envelope=env, reply=upstream_reply
             )
         return upstream_reply
 
-    async def refuse_data(self, reply: Reply, size: int | None = None) -> None:
-        """The message is refused with ``reply``: log the transaction, RSET the upstream."""
+    async def refuse_data(
+        self, reply: Reply, size: int | None = None, record: VerdictRecord | None = None
+    ) -> None:
+        """The message is refused with ``reply``: log the transaction, RSET the upstream.
+
+        ``record`` is the core's verdict when a limit refused it (``limits.memory``).
+        """
         upstream = self.txn.upstream if self.txn is not None else None
+        if record is not None and self.txn is not None:
+            self.txn.envelope.card.verdicts.append(record)
         self._finish("data", reply, size=size)
         if upstream is not None:
             await upstream.reset()

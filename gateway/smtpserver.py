@@ -40,6 +40,16 @@ explains the choices):
   octets, the message up to ``limits.message_size``; past either, the rest of
   the message is read and dropped and the client gets ``500 5.5.2`` or
   ``552 5.3.4`` after the final dot.
+- **Memory**: the bytes of message data the process holds (DATA buffers and
+  messages until their reply) are charged to ``limits.memory`` (split between
+  ``workers``). A DATA that would start with the budget spent gets ``452 4.3.1``
+  before the 354; a message whose data passes the budget while it arrives is
+  dropped at once, the rest is read and thrown away, and the client gets
+  ``452 4.3.1`` after the final dot. ``limits.data_per_ip`` DATA phases may run
+  at once per client address (trusted networks exempt); one more gets
+  ``451 4.7.1`` before the 354. Either refusal ends the transaction (the
+  client starts again with MAIL) and the decision line names the rule
+  (``limits.memory``, ``limits.data_per_ip``).
 - **STARTTLS**: whatever the client pipelined after the command is dropped
   (the STARTTLS injection defence); with ``require_starttls`` only EHLO, NOOP,
   STARTTLS and QUIT are taken before TLS.
@@ -58,7 +68,17 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from mailgate.admission import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, ConnectionCounter
+from mailgate.admission import (
+    DATA_PER_IP_RULE,
+    MEMORY_RULE,
+    OUT_OF_MEMORY,
+    PROCESS_BUDGET,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_FROM_YOU,
+    TOO_MANY_MESSAGES,
+    ConnectionCounter,
+    MemoryBudget,
+)
 from mailgate.context import IPAddress, VerdictRecord
 from mailgate.decisionlog import format_fields, log_connection
 from mailgate.policy import Listener, Policy
@@ -66,6 +86,7 @@ from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
 from mailgate.session import TOO_MANY_RECIPIENTS, SmtpSession
 from mailgate.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
 from mailgate.verdict import Reply
+from mailgate.workers import worker_share
 
 log = logging.getLogger("mailgate.smtp")
 # Connections refused before a session exists get their decision line here.
@@ -120,9 +141,14 @@ def _syntax(usage: str) -> Reply:
     return Reply(501, f"Syntax: {usage}", "5.5.4")
 
 
-def longest_line_over(data: bytes, limit: int) -> bool:
-    """True when a line of ``data`` (with its CRLF, if any) is longer than ``limit``."""
-    start, size = 0, len(data)
+def _limit(rule: str, reason: str) -> VerdictRecord:
+    """The decision-log record of a DATA phase refused by a limit (``limits.memory``, ...)."""
+    return VerdictRecord("core", "on_data", rule, "tempfail", reason, True)
+
+
+def longest_line_over(data: bytes | bytearray, limit: int, stop: int | None = None) -> bool:
+    """True when a line of ``data[:stop]`` (with its CRLF, if any) is longer than ``limit``."""
+    start, size = 0, len(data) if stop is None else stop
     while size - start > limit:
         # The last line end that keeps the line from ``start`` within the limit.
         end = data.rfind(b"\r\n", start, start + limit)
@@ -132,10 +158,20 @@ def longest_line_over(data: bytes, limit: int) -> bool:
     return False
 
 
-def unstuff(data: bytes) -> bytes:
-    """Remove the dot that starts a line (RFC 5321 §4.5.2 transparency)."""
-    if data[:1] == b".":
-        data = data[1:]
+def unstuff(data: bytes | bytearray, end: int | None = None) -> bytes:
+    """``data[:end]`` without the dot that starts a line (RFC 5321 §4.5.2 transparency)."""
+    return _unstuff_rest(_copy_unstuffed_first(data, end))
+
+
+def _copy_unstuffed_first(data: bytes | bytearray, end: int | None) -> bytes:
+    """A copy of ``data[:end]``, without the first line's stuffing dot."""
+    lead = 1 if data[:1] == b"." else 0
+    with memoryview(data) as view:
+        return bytes(view[lead:end])
+
+
+def _unstuff_rest(data: bytes) -> bytes:
+    """``data`` without the stuffing dot of every line after the first (no copy if none)."""
     return data.replace(b"\r\n.", b"\r\n")
 
 
@@ -150,6 +186,7 @@ class SmtpServer(asyncio.Protocol):
         *,
         counter: ConnectionCounter | None = None,
         tls_context: ssl.SSLContext | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.session = session
         self.listener = listener
@@ -157,6 +194,11 @@ class SmtpServer(asyncio.Protocol):
         self.limits = policy.limits
         self.hostname = policy.hostname
         self.counter = counter if counter is not None else ConnectionCounter()
+        self.budget = budget if budget is not None else PROCESS_BUDGET
+        """Bytes of message data in flight, for ``limits.memory`` (the process's by default)."""
+        self._memory_cap = worker_share(self.limits.memory, policy.workers)
+        self._held = 0  # bytes this connection has charged to the budget
+        self._data_claim: IPAddress | None = None  # counted in counter.data_per_ip
         self.tls_context = tls_context
         """Offered with STARTTLS; None on an implicit-TLS listener or without certificates."""
         self.loop = asyncio.get_running_loop()
@@ -234,6 +276,7 @@ class SmtpServer(asyncio.Protocol):
             return
         self._state = "closed"
         self.counter.close()
+        self._end_data()
         if self._claimed is not None:
             self.counter.release(self._claimed)
         self._stop_timer()
@@ -381,7 +424,10 @@ class SmtpServer(asyncio.Protocol):
     async def _read_message(self) -> bytes | Reply | None:
         """The DATA block up to the final dot, unstuffed; a Reply if it broke a limit.
 
-        None when the connection ended first.
+        None when the connection ended first. The buffer is charged to the
+        memory budget as it grows; past the budget (or past
+        ``limits.message_size``) it is dropped at once and the rest is read
+        and thrown away. The message comes back still charged (see :meth:`_end_data`).
         """
         limit = self.limits.message_size
         # RFC 1870 counts the message, not the dot-stuffed bytes on the wire. A
@@ -390,12 +436,16 @@ class SmtpServer(asyncio.Protocol):
         drop_at = (4 * limit + 12) // 3
         self._in_data = True
         self._data_deadline = self.loop.time() + self.limits.data_timeout
-        dropped = 0  # octets read and thrown away past the size limit
+        refusal: Reply | None = None  # set once the message is being read and dropped
+        dropped = 0  # octets read and thrown away
+        stuffed = 0  # the doubled dots among them (RFC 1870 counts the message)
         scan = 0
         try:
             while True:
                 buf = self._buf
-                if not dropped and buf[:3] == b".\r\n":
+                if refusal is None and not self._hold(len(buf)):
+                    refusal = OUT_OF_MEMORY
+                if not dropped and refusal is None and buf[:3] == b".\r\n":
                     end = 0
                     break
                 end = buf.find(b"\r\n.\r\n", scan)
@@ -403,9 +453,13 @@ class SmtpServer(asyncio.Protocol):
                     end += 2
                     break
                 # Over the limit even without the ".\r" of a final dot begun: drop it.
-                if dropped + len(buf) - 2 > drop_at and len(buf) > 4:
+                if refusal is None and dropped + len(buf) - 2 > drop_at:
+                    refusal = MESSAGE_TOO_BIG
+                if refusal is not None and len(buf) > 4:
+                    stuffed += buf.count(b"\r\n..", 0, len(buf) - 1)
                     dropped += len(buf) - 4
                     del buf[:-4]  # keep what may be the start of the final dot
+                    self._hold(0)
                 scan = max(len(buf) - 4, 0)
                 if self._eof or self._state != "open":
                     return None
@@ -416,16 +470,59 @@ class SmtpServer(asyncio.Protocol):
             self._in_data = False
             self._data_deadline = None
             self._stop_timer()
-        with memoryview(buf) as view:
-            data = bytes(view[:end]) if not dropped else b""  # one copy, not two
+        if refusal is not None and dropped - stuffed + end - buf.count(b"\r\n..", 0, end) > limit:
+            refusal = MESSAGE_TOO_BIG  # permanent: it takes precedence over the memory's 4xx
+        if refusal is not None:
+            del buf[: end + 3]
+            self._hold(0)
+            self._scan = 0
+            return refusal
+        line_length = self.limits.line_length
+        too_long = end > line_length and longest_line_over(buf, line_length, end)
+        # Copied out of the buffer once, and the buffer goes before any other copy
+        # (the unstuffing) is made: a message is never held three times.
+        data = b"" if too_long else _copy_unstuffed_first(buf, end)
         del buf[: end + 3]
         self._scan = 0
-        message = unstuff(data)
-        if dropped or len(message) > limit:
+        data = _unstuff_rest(data)
+        self._hold(len(data))
+        if len(data) > limit:
+            self._hold(0)
             return MESSAGE_TOO_BIG
-        if len(data) > self.limits.line_length and longest_line_over(data, self.limits.line_length):
-            return LINE_TOO_LONG
-        return message
+        return LINE_TOO_LONG if too_long else data
+
+    def _hold(self, size: int) -> bool:
+        """Hold ``size`` bytes of the budget in all; False (and nothing held) if they don't fit."""
+        grow = size - self._held
+        if grow > 0 and not self.budget.charge(grow, self._memory_cap):
+            self._hold(0)
+            return False
+        if grow < 0:
+            self.budget.release(-grow)
+        self._held = size
+        return True
+
+    def _claim_data(self) -> VerdictRecord | None:
+        """Room for one more DATA phase (memory budget, ``data_per_ip``); else why not."""
+        session = self.session.session
+        assert session is not None
+        if not self.budget.has_room(self._memory_cap):
+            reason = f"{self.budget.in_flight} bytes in flight, budget {self._memory_cap}"
+            return _limit(MEMORY_RULE, reason)
+        if not session.trusted:
+            limit = self.limits.data_per_ip
+            if not self.counter.claim_data(session.client_ip, limit):
+                reason = f"{limit} messages in transfer from {session.client_ip}"
+                return _limit(DATA_PER_IP_RULE, reason)
+            self._data_claim = session.client_ip
+        return None
+
+    def _end_data(self) -> None:
+        """Give back what the DATA phase took: its bytes of the budget, its per-address slot."""
+        self._hold(0)
+        if self._data_claim is not None:
+            self.counter.release_data(self._data_claim)
+            self._data_claim = None
 
     # ------------------------------------------------------------ output
 
@@ -698,16 +795,37 @@ class SmtpServer(asyncio.Protocol):
         if arg:
             self._send(_syntax("DATA"))
             return
+        refused = self._claim_data()
+        if refused is not None:
+            reply = OUT_OF_MEMORY if refused.rule == MEMORY_RULE else TOO_MANY_MESSAGES
+            self._new_transaction()
+            await self.session.refuse_data(reply, record=refused)
+            self._send(reply)
+            return
+        try:
+            await self._data_phase()
+        finally:
+            self._end_data()
+
+    async def _data_phase(self) -> None:
+        """354, the message, and the reply to it (the budget is given back by the caller)."""
         self._send(START_DATA)
         message = await self._read_message()
         if message is None:
             return
         self._new_transaction()
         if isinstance(message, Reply):
-            await self.session.refuse_data(message)
+            record = None
+            if message is OUT_OF_MEMORY:
+                reason = f"the message passed the budget of {self._memory_cap} bytes in flight"
+                record = _limit(MEMORY_RULE, reason)
+            await self.session.refuse_data(message, record=record)
             self._send(message)
             return
-        reply = await self.session.data(message)
+        # The session gets the only reference, so it can let the bytes go before relaying.
+        box = [message]
+        del message
+        reply = await self.session.data(box.pop())
         if reply.positive:
             self._errors = self._junk = 0  # delivered: a clean slate
         self._send(reply)

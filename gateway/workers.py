@@ -5,7 +5,9 @@ each worker opens its own listening sockets with ``SO_REUSEPORT`` (so the
 kernel spreads new connections across them) and runs the whole gateway on its
 own event loop, using its own core. What the workers share is the policy's
 ``state:``: with ``redis://`` every worker enforces one limit; with ``memory``
-each worker counts on its own (a warning says so at start).
+each worker counts on its own (a warning says so at start). The memory budget
+for messages in flight (``limits.memory``) is split evenly: each worker may
+hold :func:`worker_share` of it, so together they hold no more than the policy says.
 
 Signals to the parent:
 
@@ -170,6 +172,11 @@ class Supervisor:
                     return 0
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def worker_share(total: int, workers: int) -> int:
+    """One worker's part of a per-gateway figure (``limits.memory``): ``total // workers``."""
+    return total // max(workers, 1)
 
 
 def supervise(count: int, serve: Callable[[], int], state_url: str = "memory") -> int:
