@@ -38,6 +38,7 @@ class Gateway:
         self.draining = False
         self.metrics = Metrics()
         self.metrics_server = MetricsServer(self.metrics, lambda: not self.draining)
+        self.metrics.track_state(lambda: self.current.state)
         self._watch(runtime)
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -49,6 +50,7 @@ class Gateway:
         """Count the runtime's traffic in :attr:`metrics` when its policy serves them."""
         if runtime.policy.metrics:
             runtime.observers.add(self.metrics)
+            self.metrics.expect(runtime.plugin_set)
 
     async def start(self) -> None:
         """Start the plugins, then open the listeners and the metrics endpoint."""

@@ -14,8 +14,9 @@ policy order (``tryfirst``/``trylast`` respected):
 - an exception or a timeout stops the stage with ``451 4.3.0`` (in monitor
   mode it is only logged), so no mail passes a filter that did not run.
 
-Each stage's outcome and duration, and each plugin failure, are reported to
-the runtime's observers (``mailgate.observer``: metrics, ``mailgate test``).
+Each stage's outcome and duration, each plugin call's duration and each
+plugin failure are reported to the runtime's observers (``mailgate.observer``:
+metrics, ``mailgate test``).
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ class StageRunner:
         """True when some plugin implements ``hook``."""
         return bool(self._impls[hook])
 
-    async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
-        result = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(result):
-            async with asyncio.timeout(impl.settings.timeout):
-                result = await result
-        return result
+    async def _call(self, impl: _Impl, hook: str, kwargs: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(impl.settings.timeout):
+                    result = await result
+            return result
+        finally:  # timed however it ends: a plugin that times out is the slowest of all
+            self.observer.plugin_done(impl.plugin, hook, time.perf_counter() - started)
 
     async def run_stage(
         self, stage: str, card: Scorecard, txn_id: str, **kwargs: Any
@@ -103,7 +108,7 @@ class StageRunner:
         for impl in self._impls[stage]:
             monitor = impl.settings.mode == "monitor"
             try:
-                result = await self._call(impl, kwargs)
+                result = await self._call(impl, stage, kwargs)
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
                     what = f"timed out after {impl.settings.timeout:g}s"
@@ -190,7 +195,7 @@ class StageRunner:
         """Run an event hook; errors are logged and never reach the client."""
         for impl in self._impls[event]:
             try:
-                await self._call(impl, kwargs)
+                await self._call(impl, event, kwargs)
             except Exception as exc:
                 log.exception("plugin error: plugin=%s hook=%s", impl.plugin, event)
                 kind = "timeout" if isinstance(exc, TimeoutError) else "error"
