@@ -77,8 +77,8 @@ from mailgate.registry import EVENTS, STAGES
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord
     from mailgate.registry import PluginSet
-    from mailgate.state import StateBackend
     from mailgate.stages import StageOutcome
+    from mailgate.state import StateBackend
     from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.metrics")
