@@ -264,7 +264,7 @@ class _LogCapture(logging.Handler):
         self.problems: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        decision = getattr(record, "decision", None)
+        decision = getattr(record, "fields", None)
         if isinstance(decision, dict) and "txn" in decision:
             self.decision = decision
         elif record.levelno >= logging.WARNING:

@@ -58,7 +58,7 @@ from typing import cast
 
 from mailgate.admission import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, ConnectionCounter
 from mailgate.context import IPAddress, VerdictRecord
-from mailgate.decisionlog import format_fields, log_connection
+from mailgate.decisionlog import emit_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
 from mailgate.session import SmtpSession
@@ -67,7 +67,6 @@ from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.smtp")
 # Connections refused before a session exists get their decision line here.
-decision_log = logging.getLogger("mailgate.decision")
 
 EARLY_TALKER = Reply(554, "Protocol error: you talked before the greeting", "5.5.1")
 TOO_MANY_ERRORS = Reply(421, "Too many errors, closing connection", "4.7.0")
@@ -276,7 +275,7 @@ class SmtpServer(asyncio.Protocol):
             try:
                 peer = await real_client(_ProxyReader(self), peer, self.listener)
             except ProxyRefused as exc:
-                log.warning("connection from %s refused: %s", peer[0], exc)
+                log.warning("connection refused: client=%s reason=%s", peer[0], exc)
                 if exc.reply is not None:
                     self._send(exc.reply)
                 self._close()
@@ -468,7 +467,7 @@ class SmtpServer(asyncio.Protocol):
     @staticmethod
     def _log_refusal(client: str, outcome: str, reply: Reply) -> None:
         fields = [("session", "-"), ("client", client), ("outcome", outcome), ("reply", reply)]
-        decision_log.info(format_fields(fields))
+        emit_fields(fields)
 
     # ------------------------------------------------------------ timers
 
@@ -737,7 +736,7 @@ class SmtpServer(asyncio.Protocol):
                 self.transport, self, self.tls_context, server_side=True
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("TLS handshake failed: %s", exc)
+            log.info("TLS handshake failed: error=%s", exc)
             self._close()
             return
         finally:
