@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import smtplib
 import signal
+import smtplib
 import sys
 
 import pytest

@@ -269,3 +269,26 @@ def test_reloads_are_counted_and_counters_carry_on(make_gateway, loop_thread):
     assert loop_thread.run(gw.gateway.reload()) is True
     assert gw.gateway.metrics_server.bound[0] == "127.0.0.2"
     assert sample(scrape(metrics_port(gw), "127.0.0.2"), "mailgate_connections_total") == 2
+
+
+@pytest.mark.redis
+def test_state_up_follows_the_redis_backend(make_gateway, redis_server):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        state={"url": redis_server.url, "timeout": "1s"},
+        plugins={"ratelimit": {"rules": [{"key": "client_ip", "rate": "1000/1h"}]}},
+    )
+    port = metrics_port(gw)
+
+    def mail() -> int:
+        with gw.client() as client:
+            return client.mail("alice@example.net")[0]
+
+    assert mail() == 250
+    assert sample(scrape(port), "mailgate_state_up") == 1
+    redis_server.stop()
+    assert mail() == 451  # on_error: tempfail
+    assert sample(scrape(port), "mailgate_state_up") == 0
+    redis_server.start()
+    assert mail() == 250
+    assert sample(scrape(port), "mailgate_state_up") == 1
