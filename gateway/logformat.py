@@ -121,7 +121,8 @@ def _open(config: Logging) -> logging.Handler:
         address = config.syslog_address
         if address.startswith("/"):
             handler = _SyslogHandler(address, facility)
-            if handler.socket is None:  # the stdlib ignores this and fails on every line
+            if handler.socket is None or handler.socket.fileno() < 0:
+                # The stdlib ignores this here, then fails on every line.
                 handler.close()
                 raise OSError(f"cannot reach syslog at {address} (is a syslog daemon running?)")
             return handler
