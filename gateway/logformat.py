@@ -61,9 +61,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 class _SyslogHandler(logging.handlers.SysLogHandler):
     """Syslog, each message tagged ``mailgate[PID]:`` (the pid of the worker that wrote it)."""
 
-    @property  # type: ignore[override]
-    def ident(self) -> str:
-        return f"mailgate[{os.getpid()}]: "
+    def format(self, record: logging.LogRecord) -> str:
+        """The formatted line after the tag (the pid is read each time: workers fork)."""
+        return f"mailgate[{os.getpid()}]: {super().format(record)}"
 
 
 class TextFormatter(logging.Formatter):
@@ -121,7 +121,8 @@ def _open(config: Logging) -> logging.Handler:
         address = config.syslog_address
         if address.startswith("/"):
             handler = _SyslogHandler(address, facility)
-            if handler.socket is None or handler.socket.fileno() < 0:
+            sock = getattr(handler, "socket", None)
+            if sock is None or sock.fileno() < 0:
                 # The stdlib ignores this here, then fails on every line.
                 handler.close()
                 raise OSError(f"cannot reach syslog at {address} (is a syslog daemon running?)")
