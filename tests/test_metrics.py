@@ -244,7 +244,20 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist():
         known |= {family.name + suffix for suffix in suffixes[family.type]}
     used = {name for expr in exprs for name in re.findall(r"\bmailgate_\w+", expr)}
     assert used <= known, used - known
-    assert {"mailgate_verdicts_total", "mailgate_upstream_duration_seconds_bucket"} <= used
+    assert {
+        "mailgate_verdicts_total",
+        "mailgate_upstream_duration_seconds_bucket",
+        "mailgate_plugin_duration_seconds_bucket",
+        "mailgate_state_up",
+    } <= used
+    # Imported, it asks for the data source; every panel and query uses that one.
+    [source] = dashboard["__inputs"]
+    assert source["name"] == "DS_PROMETHEUS" and source["pluginId"] == "prometheus"
+    queries = json.dumps([dashboard["panels"], dashboard["templating"]])
+    uids = re.findall(r'"uid": "([^"]*)"', queries)
+    assert uids and set(uids) == {"${DS_PROMETHEUS}"}
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 def test_reloads_are_counted_and_counters_carry_on(make_gateway, loop_thread):
