@@ -28,7 +28,6 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-from mailgate.decisionlog import format_fields
 from mailgate.registry import Mode, PluginConfig
 from mailgate.verdict import Verdict
 
@@ -114,11 +113,7 @@ class RuleBook:
                 tags.append((fault, score))
             if action == "monitor":
                 shown += "(monitor)"
-            self.log.info(
-                format_fields(
-                    [("txn", txn), ("rule", fault.rule), ("action", shown), ("reason", fault.text)]
-                )
-            )
+            self.log.info("txn=%s rule=%s action=%s reason=%s", txn, fault.rule, shown, fault.text)
         if rejects:
             first, rule = rejects[0], self.rules[rejects[0].rule]
             reason = "; ".join(f.text for f in rejects)
