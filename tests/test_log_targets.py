@@ -4,6 +4,7 @@ file that survives logrotate; bad targets are clear errors."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from mailgate.logformat import configure_logging
+from mailgate.policy import Logging
 from tests.ops_support import REPO, mailgate, wait_until
 from tests.redis_support import free_port
 from tests.support import MESSAGE
@@ -194,3 +197,35 @@ def test_bad_log_targets_are_clear_errors(tmp_path, upstream):
     result = mailgate("run", "-c", str(path))
     assert result.returncode == 1 and "mailgate: log: " in result.stderr
     assert str(unwritable) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_reload_moves_the_log_and_a_bad_target_keeps_the_old_one(tmp_path):
+    """``configure_logging`` in this process: switch file -> file, then fail to open syslog."""
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    first, second = tmp_path / "one.log", tmp_path / "two.log"
+    log = logging.getLogger("mailgate.test_targets")
+    try:
+        configure_logging(Logging(target="file", file=str(first)))
+        log.info("to the first file: n=%d", 1)
+        configure_logging(Logging(target="file", file=str(second), format="json"))
+        log.info("to the second file: n=%d", 2)
+        with pytest.raises(OSError, match="cannot reach syslog"):
+            configure_logging(
+                Logging(target="syslog", syslog_address=str(tmp_path / "none")), install=False
+            )
+        log.info("still the second file: n=%d", 3)
+        ours = [h for h in root.handlers if h.name == "mailgate"]
+        assert len(ours) == 1
+    finally:
+        for handler in root.handlers:
+            if handler not in before[0]:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(before[1])
+    assert first.read_text().endswith("INFO mailgate.test_targets: to the first file: n=1\n")
+    lines = [json.loads(line) for line in second.read_text().splitlines()]
+    assert [(e["msg"], e["n"]) for e in lines] == [
+        ("to the second file: n=2", 2),
+        ("still the second file: n=3", 3),
+    ]
