@@ -117,12 +117,14 @@ def structure(record: logging.LogRecord) -> tuple[str, dict[str, object]]:
             if not directive:
                 continue
             if named:
-                assert isinstance(args, Mapping)
+                if not isinstance(args, Mapping):
+                    raise TypeError("format wants a mapping")
                 name = _DIRECTIVE.match(directive)["name"]  # type: ignore[index]
                 value: Any = args[name]
                 spec = directive.replace(f"({name})", "", 1)
             else:
-                assert isinstance(args, tuple)
+                if not isinstance(args, tuple):
+                    raise TypeError("format wants a tuple")
                 value = args[index]
                 index += 1
                 spec = directive
@@ -131,9 +133,10 @@ def structure(record: logging.LogRecord) -> tuple[str, dict[str, object]]:
                 continue
             if spec[-1] in "ra":
                 spec = spec[:-1] + "s"
-            out.append(quote(spec % (value,) if isinstance(value, int | float) else value))
+            number = isinstance(value, int | float)
+            out.append(quote((spec % (value,)).strip() if number else value))
             fields.setdefault(key, value)
-    except (AssertionError, LookupError, TypeError, ValueError):
+    except (LookupError, TypeError, ValueError):
         return record.getMessage(), fields  # a call that does not fit its format: as logging does
     if not named and isinstance(args, tuple) and index != len(args):
         return record.getMessage(), fields
