@@ -245,3 +245,34 @@ def test_fields_come_from_the_format_string_and_values_are_quoted_one_way():
         structure(_record("odd id=%s %s", "only one"))
     named = logging.LogRecord("x", 20, __file__, 1, "n=%(n)d", ({"n": 4},), None)
     assert structure(named) == ("n=4", {"n": 4})
+
+
+def test_with_json_queue_lines_carry_their_fields(tmp_path, upstream):
+    policy = {
+        "hostname": "mailgate.test",
+        "listen": [{"address": "127.0.0.1:0"}],
+        "upstream": upstream.url,
+        "domains": ["example.com"],
+        "delivery": "queue",
+        "queue": {"directory": str(tmp_path / "spool"), "retry_min": "1s", "scan_interval": "1s"},
+        "log": {"format": "json"},
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    upstream.behaviour.data_reply = "451 4.3.0 Try later"
+    gw = GatewayProcess(path, tmp_path / "gateway.log")
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=20) as client:
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)  # spooled: 250
+        assert gw.wait_log('"msg": "queued id=')
+        upstream.behaviour.data_reply = None
+        assert gw.wait_log('"outcome": "sent"')
+    finally:
+        assert gw.stop() == 0
+    entries = [json.loads(line) for line in gw.log.splitlines()]
+    queued = next(e for e in entries if e["msg"].startswith("queued "))
+    assert queued["from"] == "<alice@example.net>" and queued["rcpts"] == 1
+    assert queued["size"] > 0 and queued["logger"] == "mailgate.queue"
+    sent = next(e for e in entries if e.get("outcome") == "sent")
+    assert sent["id"] == queued["id"] and sent["to"] == "<bob@example.com>"
+    assert sent["reply"].startswith("250 ")
