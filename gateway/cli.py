@@ -109,7 +109,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = _load(args.config)
     if runtime is None:
         return EXIT_BAD_POLICY
-    configure_logging(runtime.policy.log)
+    try:
+        configure_logging(runtime.policy.log)
+    except OSError as exc:
+        print(f"mailgate: log: {exc}", file=sys.stderr)
+        return 1
     pid_file = args.pid_file or runtime.policy.pid_file
     if pid_file:
         try:
@@ -123,7 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         gateway = Gateway(runtime)
         await gateway.start()
         for host, port in gateway.addresses:
-            logging.getLogger("mailgate").info("mailgate ready on %s:%s", host, port)
+            logging.getLogger("mailgate").info(
+                "mailgate ready on %s:%s",
+                host,
+                port,
+                extra={"fields": {"host": host, "port": port}},
+            )
         await gateway.serve()
 
     if runtime.policy.workers > 1:

@@ -16,49 +16,23 @@ lists, ``score`` as a number); see ``mailgate.logformat``.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Iterable
 
 from mailgate.context import Envelope, Session, VerdictRecord
+from mailgate.logfields import format_fields as format_fields  # re-exported
 from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.decision")
-
-_BARE = re.compile(r"^[^\s\"=\\]*$")
-
-
-def _text(value: object) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _value(value: object) -> str:
-    text = _text(value)
-    if _BARE.match(text) and text:
-        return text
-    escaped = (
-        text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "\\r").replace("\n", "\\n")
-    )
-    return f'"{escaped}"'
-
-
-def format_fields(fields: Iterable[tuple[str, object]]) -> str:
-    """``key=value`` pairs separated by spaces, values quoted where needed."""
-    return " ".join(f"{key}={_value(value)}" for key, value in fields)
 
 
 def _verdicts(records: list[VerdictRecord]) -> list[str]:
     return [r.label() for r in records]
 
 
-def _emit(fields: list[tuple[str, object]]) -> None:
-    """Log the line; the fields ride along (``record.decision``) for the JSON log format."""
+def emit_fields(fields: list[tuple[str, object]]) -> None:
+    """Log one decision line; the fields ride along (``record.fields``) for the JSON format."""
     decision = {k: v if isinstance(v, int | float | list) else str(v) for k, v in fields}
-    log.info(format_fields(fields), extra={"decision": decision})
+    log.info("%s", format_fields(fields), extra={"fields": decision})
 
 
 def outcome_of(stage: str, reply: Reply | None) -> str:
@@ -107,7 +81,7 @@ def log_transaction(
     if size is not None:
         fields.append(("size", size))
     fields.append(("ms", round((time.monotonic() - envelope.started) * 1000)))
-    _emit(fields)
+    emit_fields(fields)
 
 
 def log_connection(session: Session, *, outcome: str, reply: Reply | None = None) -> None:
@@ -122,4 +96,4 @@ def log_connection(session: Session, *, outcome: str, reply: Reply | None = None
         ("outcome", outcome),
         ("reply", str(reply) if reply else "-"),
     ]
-    _emit(fields)
+    emit_fields(fields)

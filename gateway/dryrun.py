@@ -180,6 +180,8 @@ class Step:
     verdicts: list[VerdictRecord] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     ms: float = 0.0
+    plugins: list[tuple[str, str, float]] = field(default_factory=list)
+    """(plugin, hook, milliseconds) of every plugin hook call the command ran, in order."""
 
     @property
     def code(self) -> int:
@@ -230,6 +232,7 @@ class _Tracer(Observer):
 
     def __init__(self) -> None:
         self.pending: list[tuple[str, StageOutcome]] = []
+        self.timings: list[tuple[str, str, float]] = []
         self.score: float | None = None
         self.verdicts: list[VerdictRecord] = []
         """Every verdict of the transaction, scoring's included."""
@@ -237,13 +240,19 @@ class _Tracer(Observer):
     def stage_done(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
         self.pending.append((stage, outcome))
 
+    def plugin_done(self, plugin: str, hook: str, seconds: float) -> None:
+        if hook != "on_disconnect":  # runs after the last reply: no step to show it with
+            self.timings.append((plugin, hook, seconds * 1000))
+
     def transaction_done(self, session: Any, envelope: Any, stage: str, reply: Any) -> None:
         self.score = envelope.card.score
         self.verdicts = list(envelope.card.verdicts)
 
-    def take(self) -> tuple[list[str], list[VerdictRecord]]:
+    def take(self) -> tuple[list[str], list[VerdictRecord], list[tuple[str, str, float]]]:
         taken, self.pending = self.pending, []
-        return [hook for hook, _ in taken], [r for _, outcome in taken for r in outcome.records]
+        timings, self.timings = self.timings, []
+        hooks = [hook for hook, _ in taken]
+        return hooks, [r for _, outcome in taken for r in outcome.records], timings
 
 
 class _LogCapture(logging.Handler):
@@ -255,7 +264,7 @@ class _LogCapture(logging.Handler):
         self.problems: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        decision = getattr(record, "decision", None)
+        decision = getattr(record, "fields", None)
         if isinstance(decision, dict) and "txn" in decision:
             self.decision = decision
         elif record.levelno >= logging.WARNING:
@@ -345,8 +354,9 @@ async def _converse(client: _Client, request: Request, tracer: _Tracer) -> list[
             reply = await client.exchange(data)
         except (OSError, TimeoutError) as exc:
             reply = [f"(no reply: {exc or type(exc).__name__})"]
-        hooks, verdicts = tracer.take()
-        done = Step(label, reply, verdicts, hooks, (time.perf_counter() - started) * 1000)
+        hooks, verdicts, timings = tracer.take()
+        ms = (time.perf_counter() - started) * 1000
+        done = Step(label, reply, verdicts, hooks, ms, timings)
         steps.append(done)
         return done
 

@@ -60,5 +60,5 @@ async def start_listeners(get_runtime: Callable[[], Runtime]) -> list[asyncio.Se
         )
         servers.append(server)
         for sock in server.sockets:
-            log.info("listening on %s", sock.getsockname()[:2])
+            log.info("listening on address=%s port=%s", *sock.getsockname()[:2])
     return servers

@@ -32,6 +32,8 @@ metric                                          labels
 ``mailgate_upstream_replies_total``             ``command`` (mail, rcpt, data), ``class``
                                                 (2xx, 4xx, 5xx)
 ``mailgate_stage_duration_seconds``             (histogram) ``stage``: one hook, every plugin
+``mailgate_plugin_duration_seconds``            (histogram) ``plugin``, ``hook``: one plugin's
+                                                hook call (failures and timeouts included)
 ``mailgate_upstream_duration_seconds``          (histogram) ``command``: one upstream reply
 ``mailgate_policy_reloads_total``               ``result`` (ok, failed)
 ``mailgate_policy_loaded_timestamp_seconds``    (gauge) when the running policy was loaded
@@ -41,7 +43,18 @@ metric                                          labels
                                                 holds (``limits.memory``)
 ``mailgate_memory_refusals_total``              DATA refused for the memory budget
                                                 (``452 4.3.1``, before 354 or after the dot)
+``mailgate_state_up``                           (gauge) 1 while the state store (Redis)
+                                                answers, 0 after a check failed
 ==============================================  =========================================
+
+Which plugin is slow::
+
+    histogram_quantile(0.99, sum by (le, plugin, hook)
+        (rate(mailgate_plugin_duration_seconds_bucket[5m])))
+
+Labelled series start at 0 for the label values known in advance (every
+plugin and hook of the loaded policy, the stages, outcomes, reload results,
+upstream reply classes), so a dashboard shows 0 rather than "No data".
 
 Verdicts of the connect and HELO stages are counted at once; those of a
 transaction (its stages' and the core's own, such as ``score.reject``) when
@@ -65,20 +78,36 @@ from mailgate.admission import MEMORY_RULE, PROCESS_BUDGET
 from mailgate.decisionlog import outcome_of
 from mailgate.observer import Observer
 from mailgate.policy import split_host_port
+from mailgate.registry import EVENTS, STAGES
 from mailgate.version import version
 
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord
+    from mailgate.registry import PluginSet
     from mailgate.stages import StageOutcome
+    from mailgate.state import StateBackend
     from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.metrics")
 
 # Seconds: from a cached in-memory check to a slow DNS-bound one or a slow upstream.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# One plugin call: an in-memory check takes tens of microseconds.
+PLUGIN_BUCKETS = (0.0001, 0.00025, 0.0005, *BUCKETS)
 RATELIMIT_PREFIX = "ratelimit."
 SESSION_STAGES = ("on_connect", "on_helo")
 """Stages whose verdicts belong to the connection, not to a transaction."""
+FAILURE_KINDS = ("error", "timeout", "bad_result")
+KNOWN_TRANSACTIONS = (
+    ("delivered", "data"),
+    ("rejected", "mail"),
+    ("rejected", "data"),
+    ("tempfailed", "mail"),
+    ("tempfailed", "data"),
+    ("aborted", "reset"),
+    ("aborted", "disconnect"),
+)
+"""(outcome, stage) pairs every gateway sees; others appear when they first happen."""
 
 
 class _Children:
@@ -174,6 +203,20 @@ class Metrics(Observer):
         self.memory_refusals = Counter(
             "mailgate_memory_refusals", "DATA refused for the memory budget (452 4.3.1)", registry=r
         )
+        self.plugin_seconds = Histogram(
+            "mailgate_plugin_duration_seconds",
+            "Time for one plugin to run one hook (failures and timeouts included)",
+            ["plugin", "hook"],
+            buckets=PLUGIN_BUCKETS,
+            registry=r,
+        )
+        self.state_up = Gauge(
+            "mailgate_state_up",
+            "1 while the state store answers (always, for state: memory); 0 after a failed check",
+            registry=r,
+        )
+        self._state: Callable[[], StateBackend | None] = lambda: None
+        self.state_up.set_function(self._state_is_up)
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)
@@ -181,6 +224,39 @@ class Metrics(Observer):
         self._reply = _Children(self.upstream_replies)
         self._upstream = _Children(self.upstream_seconds)
         self._transaction = _Children(self.transactions)
+        self._plugin = _Children(self.plugin_seconds)
+        self._zero_known_labels()
+
+    # ------------------------------------------------------------ known label values
+
+    def _zero_known_labels(self) -> None:
+        """Create the series whose label values are known before any traffic, at 0."""
+        for stage in STAGES:
+            self._stage(stage.removeprefix("on_"))
+        for outcome, stage in KNOWN_TRANSACTIONS:
+            self._transaction(outcome, stage)
+        for command in ("mail", "rcpt", "data"):
+            self._upstream(command)
+            for klass in ("2xx", "4xx", "5xx"):
+                self._reply(command, klass)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+
+    def expect(self, plugin_set: PluginSet) -> None:
+        """Create the per-plugin series of a policy's plugins at 0 (on start and each reload)."""
+        for hook in (*STAGES, *EVENTS):
+            for plugin in plugin_set.call_order(hook):
+                self._plugin(plugin, hook)
+                for kind in FAILURE_KINDS:
+                    self.plugin_errors.labels(plugin, hook, kind)
+
+    def track_state(self, backend: Callable[[], StateBackend | None]) -> None:
+        """Report the health of the state backend that ``backend()`` returns at scrape time."""
+        self._state = backend
+
+    def _state_is_up(self) -> float:
+        store = self._state()
+        return 1.0 if store is None or getattr(store, "up", True) else 0.0
 
     # ------------------------------------------------------------ observer events
 
@@ -204,6 +280,9 @@ class Metrics(Observer):
         self._stage(stage.removeprefix("on_")).observe(seconds)
         if stage in SESSION_STAGES:  # later stages are counted with their transaction
             self._count(outcome.records)
+
+    def plugin_done(self, plugin: str, hook: str, seconds: float) -> None:
+        self._plugin(plugin, hook).observe(seconds)
 
     def plugin_failed(self, plugin: str, hook: str, kind: str) -> None:
         self.plugin_errors.labels(plugin, hook, kind).inc()

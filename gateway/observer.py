@@ -4,6 +4,8 @@ The core reports a few events, each from the one place where it happens:
 
 - a session opens or closes (``Runtime.session_opened``/``session_closed``);
 - a stage hook finishes, with its verdicts and how long it took (``StageRunner.run_stage``);
+- one plugin's hook call returns, with how long it took (``StageRunner._call``: the
+  per-plugin latency of ``/metrics`` and ``mailgate test``);
 - a plugin fails: raises, times out or returns something that is not a verdict;
 - the upstream answers MAIL, RCPT or DATA (:class:`ObservedTransaction`);
 - a transaction ends, however it ends (``SmtpSession._finish``).
@@ -41,6 +43,12 @@ class Observer:
     def stage_done(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
         """The ``stage`` hook (``on_connect`` ... ``on_data``) ran every plugin it needed to."""
 
+    def plugin_done(self, plugin: str, hook: str, seconds: float) -> None:
+        """One call of ``plugin``'s ``hook`` returned (or raised, or timed out) after ``seconds``.
+
+        Called for every hook call of every message: keep it cheap.
+        """
+
     def plugin_failed(self, plugin: str, hook: str, kind: str) -> None:
         """A plugin's hook failed; ``kind`` is ``error``, ``timeout`` or ``bad_result``."""
 
@@ -58,16 +66,25 @@ class Observers(Observer):
 
     def __init__(self) -> None:
         self._subscribers: list[Observer] = []
+        self._timers: list[Observer] = []
+        """The subscribers that implement ``plugin_done`` (the hot event)."""
 
     def add(self, observer: Observer) -> None:
         """Subscribe ``observer`` (once)."""
         if observer not in self._subscribers:
             self._subscribers.append(observer)
+            self._update()
 
     def remove(self, observer: Observer) -> None:
         """Unsubscribe ``observer`` if it was subscribed."""
         if observer in self._subscribers:
             self._subscribers.remove(observer)
+            self._update()
+
+    def _update(self) -> None:
+        self._timers = [
+            o for o in self._subscribers if type(o).plugin_done is not Observer.plugin_done
+        ]
 
     def _each(self, event: str, *args: Any) -> None:
         for observer in self._subscribers:
@@ -84,6 +101,13 @@ class Observers(Observer):
 
     def stage_done(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
         self._each("stage_done", stage, outcome, seconds)
+
+    def plugin_done(self, plugin: str, hook: str, seconds: float) -> None:
+        for observer in self._timers:  # no getattr, no argument tuple: once per hook call
+            try:
+                observer.plugin_done(plugin, hook, seconds)
+            except Exception:
+                log.exception("observer %s failed on plugin_done", type(observer).__name__)
 
     def plugin_failed(self, plugin: str, hook: str, kind: str) -> None:
         self._each("plugin_failed", plugin, hook, kind)

@@ -264,12 +264,35 @@ class Scoring(StrictModel):
     score_header: str = "X-Spam-Score"
 
 
+SyslogFacility = Literal[
+    "mail", "daemon", "user", "local0", "local1", "local2", "local3", "local4", "local5",
+    "local6", "local7",
+]  # fmt: skip
+
+
 class Logging(StrictModel):
-    """Where and how the decision log is written."""
+    """Where and how the log is written (``mailgate.logformat``)."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
     """``text``: ``key=value`` lines; ``json``: one JSON object per line."""
+    target: Literal["stderr", "syslog", "file"] = "stderr"
+    """Standard error, syslog, or the file ``file`` (reopened after logrotate moves it)."""
+    file: str | None = None
+    """With ``target: file``: the log file's path."""
+    syslog_address: str = "/dev/log"
+    """With ``target: syslog``: a Unix socket path, or ``HOST:PORT`` (UDP, port 514 if left out)."""
+    syslog_facility: SyslogFacility = "mail"
+
+    @model_validator(mode="after")
+    def _check_target(self) -> Logging:
+        if self.target == "file" and not self.file:
+            raise ValueError("target: file needs file: PATH")
+        if self.file and self.target != "file":
+            raise ValueError("file: is used only with target: file")
+        if not self.syslog_address.startswith("/"):
+            split_host_port(self.syslog_address, 514)  # raises ValueError on a bad address
+        return self
 
 
 class Dns(StrictModel):

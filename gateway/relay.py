@@ -288,12 +288,12 @@ class SmtpUpstream:
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
                 if server.down_until <= time.monotonic():
-                    log.warning("upstream %s marked down: %s", server, exc)
+                    log.warning("upstream marked down: server=%s error=%s", server, exc)
                 server.down_until = time.monotonic() + self.config.down_for
                 error = exc
                 continue
             if server.down_until:
-                log.info("upstream %s is up again", server)
+                log.info("upstream is up again: server=%s", server)
                 server.down_until = 0.0
             client.timeout = self.config.timeout
             return _Connection(client, server)
@@ -363,7 +363,9 @@ class SmtpUpstream:
             if line is not None:
                 response = await client.execute_command(line.encode())
                 if response.code != 250:
-                    log.warning("upstream %s refused XFORWARD: %s", conn.server, response)
+                    log.warning(
+                        "upstream refused XFORWARD: server=%s reply=%s", conn.server, response
+                    )
 
     def discard(self, conn: _Connection) -> None:
         """Close a connection whose state is unknown; it is never reused."""
@@ -403,8 +405,8 @@ class SmtpTransaction:
             try:
                 conn, reused = await self.upstream.checkout(self.identity)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                servers = ", ".join(map(str, self.upstream.servers))
-                log.warning("upstream %s unavailable: %s", servers, exc)
+                servers = ",".join(map(str, self.upstream.servers))
+                log.warning("upstream unavailable: servers=%s error=%s", servers, exc)
                 return UNAVAILABLE
             self.conn = conn
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
@@ -419,7 +421,7 @@ class SmtpTransaction:
                     continue
                 return BROKEN
             except _IdentityRefused as exc:
-                log.error("upstream %s refused XCLIENT: %s", conn.server, exc)
+                log.error("upstream refused XCLIENT: server=%s error=%s", conn.server, exc)
                 self._release(clean=False)
                 return IDENTITY_REFUSED
             except BaseException as exc:

@@ -39,6 +39,7 @@ class Gateway:
         self.draining = False
         self.metrics = Metrics()
         self.metrics_server = MetricsServer(self.metrics, lambda: not self.draining)
+        self.metrics.track_state(lambda: self.current.state)
         self._watch(runtime)
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -50,6 +51,7 @@ class Gateway:
         """Count the runtime's traffic in :attr:`metrics` when its policy serves them."""
         if runtime.policy.metrics:
             runtime.observers.add(self.metrics)
+            self.metrics.expect(runtime.plugin_set)
 
     async def start(self) -> None:
         """Start the plugins, then open the listeners and the metrics endpoint."""
@@ -110,7 +112,7 @@ class Gateway:
             except Exception as exc:
                 messages = getattr(exc, "messages", None) or [f"{old.filename}: {exc!r}"]
                 for message in messages:
-                    log.error("reload failed, the running policy stays: %s", message)
+                    log.error("reload failed, the running policy stays: error=%s", message)
                 self.metrics.reloads.labels("failed").inc()
                 return False
             self._watch(new)
@@ -125,15 +127,18 @@ class Gateway:
             self.current = new
             self.metrics.reloads.labels("ok").inc()
             self.metrics.policy_loaded_now()
-            configure_logging(new.policy.log, install=False)
+            try:
+                configure_logging(new.policy.log, install=False)
+            except OSError as exc:
+                log.error("log: cannot open the new target, logging stays as it was: error=%s", exc)
             changed = changed_keys(old.policy, new.policy)
             log.info(
-                "policy reloaded from %s (changed: %s)",
+                "policy reloaded: file=%s changed=%s",
                 new.filename,
-                ", ".join(changed) or "nothing",
+                ",".join(changed) or "nothing",
             )
             if later := restart_only(changed):
-                log.warning("%s: kept until the next restart", ", ".join(later))
+                log.warning("kept until the next restart: keys=%s", ",".join(later))
             if new.policy.metrics != self.metrics_server.address:
                 await self._move_metrics(new.policy.metrics)
             self._retiring[old] = asyncio.get_running_loop().create_task(self._retire(old))
@@ -145,7 +150,7 @@ class Gateway:
             try:
                 await self.metrics_server.start(address, spread=self.current.policy.workers)
             except OSError as exc:
-                log.error("metrics: cannot listen on %s: %s", address, exc)
+                log.error("metrics: cannot listen: address=%s error=%s", address, exc)
 
     async def _retire(self, old: Runtime) -> None:
         """Stop a replaced runtime once its last session has closed (or the gateway stops)."""

@@ -80,7 +80,7 @@ from mailgate.admission import (
     MemoryBudget,
 )
 from mailgate.context import IPAddress, VerdictRecord
-from mailgate.decisionlog import format_fields, log_connection
+from mailgate.decisionlog import emit_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
 from mailgate.session import TOO_MANY_RECIPIENTS, SmtpSession
@@ -90,7 +90,6 @@ from mailgate.workers import worker_share
 
 log = logging.getLogger("mailgate.smtp")
 # Connections refused before a session exists get their decision line here.
-decision_log = logging.getLogger("mailgate.decision")
 
 EARLY_TALKER = Reply(554, "Protocol error: you talked before the greeting", "5.5.1")
 TOO_MANY_ERRORS = Reply(421, "Too many errors, closing connection", "4.7.0")
@@ -325,7 +324,7 @@ class SmtpServer(asyncio.Protocol):
             try:
                 peer = await real_client(_ProxyReader(self), peer, self.listener)
             except ProxyRefused as exc:
-                log.warning("connection from %s refused: %s", peer[0], exc)
+                log.warning("connection refused: client=%s reason=%s", peer[0], exc)
                 if exc.reply is not None:
                     self._send(exc.reply)
                 self._close()
@@ -576,7 +575,7 @@ class SmtpServer(asyncio.Protocol):
     @staticmethod
     def _log_refusal(client: str, outcome: str, reply: Reply) -> None:
         fields = [("session", "-"), ("client", client), ("outcome", outcome), ("reply", reply)]
-        decision_log.info(format_fields(fields))
+        emit_fields(fields)
 
     # ------------------------------------------------------------ timers
 
@@ -883,7 +882,7 @@ class SmtpServer(asyncio.Protocol):
                 self.transport, self, self.tls_context, server_side=True
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("TLS handshake failed: %s", exc)
+            log.info("TLS handshake failed: error=%s", exc)
             self._close()
             return
         finally:

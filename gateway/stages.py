@@ -21,8 +21,9 @@ policy order (``tryfirst``/``trylast`` respected):
   score): it is logged once with the plugin's name and recorded as
   ``PLUGIN.bad_result`` on the decision line.
 
-Each stage's outcome and duration, and each plugin failure, are reported to
-the runtime's observers (``mailgate.observer``: metrics, ``mailgate test``).
+Each stage's outcome and duration, each plugin call's duration and each
+plugin failure are reported to the runtime's observers (``mailgate.observer``:
+metrics, ``mailgate test``).
 """
 
 from __future__ import annotations
@@ -100,12 +101,16 @@ class StageRunner:
         """True when some plugin implements ``hook``."""
         return bool(self._impls[hook])
 
-    async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
-        result = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(result):
-            async with asyncio.timeout(impl.settings.timeout):
-                result = await result
-        return result
+    async def _call(self, impl: _Impl, hook: str, kwargs: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(impl.settings.timeout):
+                    result = await result
+            return result
+        finally:  # timed however it ends: a plugin that times out is the slowest of all
+            self.observer.plugin_done(impl.plugin, hook, time.perf_counter() - started)
 
     async def run_stage(
         self, stage: str, card: Scorecard, txn_id: str, **kwargs: Any
@@ -123,7 +128,7 @@ class StageRunner:
         for impl in self._impls[stage]:
             monitor = impl.settings.mode == "monitor"
             try:
-                result = await self._call(impl, kwargs)
+                result = await self._call(impl, stage, kwargs)
             except VerdictError as exc:
                 # The plugin tried to build a contradictory verdict: a bad result, not a crash.
                 self._bad_result(
@@ -254,7 +259,7 @@ class StageRunner:
         """Run an event hook; errors are logged and never reach the client."""
         for impl in self._impls[event]:
             try:
-                await self._call(impl, kwargs)
+                await self._call(impl, event, kwargs)
             except Exception as exc:
                 log.exception("plugin error: plugin=%s hook=%s", impl.plugin, event)
                 kind = "timeout" if isinstance(exc, TimeoutError) else "error"

@@ -3,10 +3,16 @@
 Text, one block per SMTP command, with the verdicts of the stage it ran::
 
     EHLO [203.0.113.9]                  250-mailgate.example.com
+      time  helo 0.041ms
     MAIL FROM:<alice@example.net>       250 2.1.0 Sender ok (dry run)
+      time  ratelimit 0.052ms, spf 3.214ms
       spf  spf.softfail  tag  score +2  adds Received-SPF: softfail ...
         sender domain example.net does not designate 203.0.113.9 (softfail)
     RCPT TO:<bob@example.com>           250 2.1.5 Recipient ok (dry run)
+      time  ratelimit 0.043ms, relay_access 0.006ms
+
+(``time``: how long each plugin's hook took for that command, in the order
+they ran; a hook other than the command's own is named, as in ``dkim/on_delivered``.)
 
 then the score, the headers the relayed message would gain or lose, the
 decision line as the gateway would log it, and ``result: ACCEPT (exit 0)``.
@@ -19,7 +25,7 @@ from typing import Any
 
 from mailgate.context import VerdictRecord
 from mailgate.decisionlog import format_fields
-from mailgate.dryrun import Trace
+from mailgate.dryrun import Step, Trace
 
 COMMAND_WIDTH = 36
 
@@ -32,6 +38,17 @@ def _verdict_lines(record: VerdictRecord) -> list[str]:
     if record.headers:
         parts.append("adds " + "; ".join(f"{n}: {v}" for n, v in record.headers))
     return ["  " + "  ".join(parts), f"    {record.reason}"]
+
+
+def _timing_line(step: Step) -> list[str]:
+    if not step.plugins:
+        return []
+    own = step.hooks[0] if step.hooks else None
+    parts = [
+        f"{plugin}{'' if hook == own else '/' + hook} {ms:.3f}ms"
+        for plugin, hook, ms in step.plugins
+    ]
+    return ["  time  " + ", ".join(parts)]
 
 
 def trace_lines(
@@ -48,6 +65,7 @@ def trace_lines(
         if len(step.reply) > 1:
             reply += " ..."
         lines.append(f"{step.command:<{COMMAND_WIDTH}} {reply}")
+        lines += _timing_line(step)
         for record in step.verdicts:
             lines += _verdict_lines(record)
     lines.append("")
@@ -108,6 +126,10 @@ def trace_json(trace: Trace) -> dict[str, Any]:
                 "reply": step.reply,
                 "hooks": step.hooks,
                 "ms": round(step.ms, 3),
+                "plugins": [
+                    {"plugin": plugin, "hook": hook, "ms": round(ms, 3)}
+                    for plugin, hook, ms in step.plugins
+                ],
                 "verdicts": [_verdict_json(v) for v in step.verdicts],
             }
             for step in trace.steps

@@ -19,6 +19,8 @@ class RuleConfig(PluginConfig):
     headers: dict[str, str] = {}
     only_recipient: str | None = None
     """At on_rcpt: judge only this recipient."""
+    delay: float = 0.0
+    """Seconds to wait before judging (a slow plugin)."""
     secret: str = ""
     """Never used; the tests check that its value never reaches a log."""
 
@@ -35,6 +37,8 @@ class Rule:
         c = self.config
         if c.only_recipient is not None and recipient != c.only_recipient:
             return None
+        if c.delay:
+            await asyncio.sleep(c.delay)
         if c.action == "raise":
             raise RuntimeError("probe failure")
         if c.action == "sleep":

@@ -35,7 +35,7 @@ def test_primary_down_fails_over_and_is_marked_down(make_gateway, upstream, back
     upstream.stop()
     _deliver(gw, "one@example.com")
     assert [m.recipients for m in backup.messages] == [["one@example.com"]]
-    assert f"upstream 127.0.0.1:{upstream.port} marked down" in caplog.text
+    assert f"upstream marked down: server=127.0.0.1:{upstream.port} error=" in caplog.text
     health = gw.runtime.upstream.health()
     assert health == {f"127.0.0.1:{upstream.port}": False, f"127.0.0.1:{backup.port}": True}
     # While marked down the primary is not even tried: one warning, not one per message.

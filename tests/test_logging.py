@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import smtplib
 import sys
 
 import pytest
 import yaml
 
+from mailgate.logfields import structure
 from mailgate.logformat import JsonFormatter
 from tests.ops_support import GatewayProcess, wait_until
 from tests.support import MESSAGE
@@ -107,7 +109,7 @@ def test_text_lines_by_default_and_no_debug_lines_at_info(tmp_path, upstream):
 
 def test_json_formatter_keeps_exceptions_and_never_lets_fields_override_its_own():
     record = logging.LogRecord("mailgate.x", logging.ERROR, __file__, 1, "boom %s", ("now",), None)
-    record.decision = {"msg": "not this", "txn": "abc.1"}
+    record.fields = {"msg": "not this", "txn": "abc.1"}
     try:
         raise ValueError("inner")
     except ValueError:
@@ -115,3 +117,162 @@ def test_json_formatter_keeps_exceptions_and_never_lets_fields_override_its_own(
     entry = json.loads(JsonFormatter().format(record))
     assert entry["msg"] == "boom now" and entry["txn"] == "abc.1"
     assert entry["level"] == "error" and "ValueError: inner" in entry["exc"]
+
+
+def test_with_json_every_line_of_a_run_is_a_json_object_with_its_fields(tmp_path, upstream):
+    """Accepted and refused mail, a plugin failure, a refused connection, a bad reload."""
+    policy = {
+        "hostname": "mailgate.test",
+        "listen": [{"address": "127.0.0.1:0"}],
+        "upstream": upstream.url,
+        "domains": ["example.com"],
+        "limits": {"connections_per_ip": 1},
+        "log": {"format": "json"},
+        "plugins": {
+            "boom": {
+                "module": RULE,
+                "hook": "on_rcpt",
+                "action": "raise",
+                "only_recipient": "broken@example.com",
+            }
+        },
+    }
+    path = tmp_path / "policy.yaml"
+    good = yaml.safe_dump(policy, sort_keys=False)
+    path.write_text(good)
+    gw = GatewayProcess(path, tmp_path / "gateway.log")
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=20) as client:
+            client.ehlo("client.example.net")
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+            client.mail("alice@example.net")
+            assert client.rcpt("victim@elsewhere.org")[0] == 554
+            assert client.rcpt("broken@example.com")[0] == 451
+            client.rset()
+            # A second connection from the same address: refused by the SMTP server.
+            with smtplib.SMTP(timeout=20) as second:
+                assert second.connect("127.0.0.1", gw.port)[0] == 421
+        path.write_text(good.replace("domains:", "domians:"))
+        gw.signal(signal.SIGHUP)
+        assert gw.wait_log("reload failed")
+        path.write_text(good)
+        gw.signal(signal.SIGHUP)
+        assert gw.wait_log("policy reloaded")
+    finally:
+        assert gw.stop() == 0
+    lines = gw.log.splitlines()
+    entries = [json.loads(line) for line in lines]  # every line: one JSON object
+    assert all(
+        isinstance(e, dict) and {"ts", "level", "logger", "msg"} <= e.keys() for e in entries
+    )
+    ready = next(e for e in entries if e["msg"].startswith("mailgate ready on"))
+    assert ready["host"] == "127.0.0.1" and ready["port"] == gw.port
+    decisions = [e for e in entries if e["logger"] == "mailgate.decision"]
+    delivered = next(e for e in decisions if e.get("outcome") == "delivered")
+    assert delivered["rcpts"] == ["<bob@example.com>"] and delivered["client"] == "127.0.0.1"
+    refused = next(e for e in decisions if e.get("rejected_rcpts"))
+    assert refused["rejected_rcpts"] == [
+        "<victim@elsewhere.org>:554",
+        "<broken@example.com>:451",
+    ]
+    crowd = next(e for e in decisions if e.get("outcome") == "too many connections from client")
+    assert crowd["client"] == "127.0.0.1" and crowd["reply"].startswith("421 ")
+    failure = next(e for e in entries if e["msg"].startswith("plugin error:"))
+    assert failure["level"] == "error" and failure["plugin"] == "boom"
+    assert failure["hook"] == "on_rcpt" and failure["txn"] == refused["txn"]
+    assert "RuntimeError: probe failure" in failure["exc"]
+    reload_failed = next(e for e in entries if e["msg"].startswith("reload failed"))
+    assert reload_failed["level"] == "error"
+    assert reload_failed["error"].endswith("domians: unknown key")
+    reloaded = next(e for e in entries if e["msg"].startswith("policy reloaded"))
+    assert reloaded["file"] == str(path) and reloaded["changed"] == "nothing"
+
+
+@pytest.mark.usefixtures("secret_env")
+def test_text_lines_quote_values_one_way(tmp_path, upstream):
+    gw = run_gateway(tmp_path, upstream, {})
+    try:
+        good = (tmp_path / "policy.yaml").read_text()
+        (tmp_path / "policy.yaml").write_text(good.replace("domains:", "domians:"))
+        gw.signal(signal.SIGHUP)
+        assert gw.wait_log("reload failed")
+        (tmp_path / "policy.yaml").write_text(good)
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=20) as client:
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+        assert gw.wait_log(" INFO mailgate.decision: ")
+    finally:
+        assert gw.stop() == 0
+    [failed] = [line for line in gw.log.splitlines() if "reload failed" in line]
+    # A value with spaces: in double quotes, as on the decision line; never Python's quotes.
+    assert failed.endswith(f'error="{tmp_path / "policy.yaml"}:5:1: domians: unknown key"')
+    [decision] = [line for line in gw.log.splitlines() if " mailgate.decision: " in line]
+    assert ' reply="250 2.0.0 Ok: queued as ' in decision
+    assert "'" not in gw.log
+
+
+def _record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("mailgate.x", logging.INFO, __file__, 1, msg, args, None)
+
+
+def test_fields_come_from_the_format_string_and_values_are_quoted_one_way():
+    record = _record(
+        "delivery id=%s to=%s ms=%.1f retries=%d reply=%r 100%% done, %s",
+        "Q1",
+        "<a b@example.com>",
+        2.25,
+        3,
+        'say "hi"',
+        "free text x=y",
+    )
+    text, fields = structure(record)
+    assert text == (
+        'delivery id=Q1 to="<a b@example.com>" ms=2.2 retries=3 reply="say \\"hi\\"" '
+        "100% done, free text x=y"
+    )
+    # Keys come from the code, never from a value: "x" is not a field.
+    assert fields == {
+        "id": "Q1",
+        "to": "<a b@example.com>",
+        "ms": 2.25,
+        "retries": 3,
+        "reply": 'say "hi"',
+    }
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["ms"] == 2.25 and entry["retries"] == 3 and entry["msg"] == text
+    # Lines without fields, and calls that do not fit their format, render as logging does.
+    assert structure(_record("listening on %s", ("::1", 25))) == ("listening on ('::1', 25)", {})
+    with pytest.raises(TypeError):  # as record.getMessage() does; the handler reports it
+        structure(_record("odd id=%s %s", "only one"))
+    named = logging.LogRecord("x", 20, __file__, 1, "n=%(n)d", ({"n": 4},), None)
+    assert structure(named) == ("n=4", {"n": 4})
+
+
+def test_with_json_queue_lines_carry_their_fields(tmp_path, upstream):
+    policy = {
+        "hostname": "mailgate.test",
+        "listen": [{"address": "127.0.0.1:0"}],
+        "upstream": upstream.url,
+        "domains": ["example.com"],
+        "delivery": "queue",
+        "queue": {"directory": str(tmp_path / "spool"), "retry_min": "1s", "scan_interval": "1s"},
+        "log": {"format": "json"},
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    upstream.behaviour.data_reply = "451 4.3.0 Try later"
+    gw = GatewayProcess(path, tmp_path / "gateway.log")
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=20) as client:
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)  # spooled: 250
+        assert gw.wait_log('"msg": "queued id=')
+        upstream.behaviour.data_reply = None
+        assert gw.wait_log('"outcome": "sent"')
+    finally:
+        assert gw.stop() == 0
+    entries = [json.loads(line) for line in gw.log.splitlines()]
+    queued = next(e for e in entries if e["msg"].startswith("queued "))
+    assert queued["from"] == "<alice@example.net>" and queued["rcpts"] == 1
+    assert queued["size"] > 0 and queued["logger"] == "mailgate.queue"
+    sent = next(e for e in entries if e.get("outcome") == "sent")
+    assert sent["id"] == queued["id"] and sent["to"] == "<bob@example.com>"
+    assert sent["reply"].startswith("250 ")

@@ -70,6 +70,59 @@ def test_connections_transactions_verdicts_and_upstream_are_counted(make_gateway
     assert sample(s, "mailgate_policy_loaded_timestamp_seconds") > 0
 
 
+def test_per_plugin_latency_says_which_plugin_is_slow(make_gateway):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        plugins={
+            "slow": {"module": RULE, "hook": "on_mail", "delay": 0.08},
+            "quick": {"module": RULE, "hook": "on_mail"},
+        },
+    )
+    with gw.client() as client:
+        client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+        client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+    s = scrape(metrics_port(gw))
+    name = "mailgate_plugin_duration_seconds"
+    slow, quick = {"plugin": "slow", "hook": "on_mail"}, {"plugin": "quick", "hook": "on_mail"}
+    assert sample(s, f"{name}_count", **slow) == 2
+    assert sample(s, f"{name}_bucket", **slow, le="0.05") == 0
+    assert sample(s, f"{name}_bucket", **slow, le="+Inf") == 2
+    assert sample(s, f"{name}_sum", **slow) >= 0.16
+    assert sample(s, f"{name}_count", **quick) == 2
+    assert sample(s, f"{name}_bucket", **quick, le="0.05") == 2
+    # Every hook a plugin implements is timed, the core's own plugins too.
+    assert sample(s, f"{name}_count", plugin="slow", hook="on_data") == 2
+    assert sample(s, f"{name}_count", plugin="relay_access", hook="on_rcpt") == 2
+    # The sum over every plugin of a stage is (about) the stage's own time.
+    mail_stage = sample(s, "mailgate_stage_duration_seconds_sum", stage="mail")
+    on_mail = sum(
+        value
+        for (sample_name, labels), value in s.items()
+        if sample_name == f"{name}_sum" and ("hook", "on_mail") in labels
+    )
+    assert on_mail <= mail_stage < on_mail + 0.05
+
+
+def test_known_label_values_start_at_zero(make_gateway):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        plugins={"stamp": {"module": RULE, "hook": "on_data"}},
+    )
+    s = scrape(metrics_port(gw))  # before any traffic
+    for stage in ("connect", "helo", "mail", "rcpt", "data"):
+        assert ("mailgate_stage_duration_seconds_count", frozenset({("stage", stage)})) in s
+    delivered = frozenset({("outcome", "delivered"), ("stage", "data")})
+    assert s[("mailgate_transactions_total", delivered)] == 0
+    for hook in ("on_connect", "on_mail", "on_data"):
+        labels = frozenset({("plugin", "stamp"), ("hook", hook)})
+        assert s[("mailgate_plugin_duration_seconds_count", labels)] == 0
+        assert s[("mailgate_plugin_errors_total", labels | {("kind", "timeout")})] == 0
+    upstream_5xx = frozenset({("command", "data"), ("class", "5xx")})
+    assert s[("mailgate_upstream_replies_total", upstream_5xx)] == 0
+    assert s[("mailgate_policy_reloads_total", frozenset({("result", "failed")}))] == 0
+    assert s[("mailgate_state_up", frozenset())] == 1
+
+
 def test_upstream_refusals_are_counted_by_class(make_gateway, upstream):
     gw = make_gateway(metrics="127.0.0.1:0")
     upstream.behaviour.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
@@ -191,7 +244,20 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist():
         known |= {family.name + suffix for suffix in suffixes[family.type]}
     used = {name for expr in exprs for name in re.findall(r"\bmailgate_\w+", expr)}
     assert used <= known, used - known
-    assert {"mailgate_verdicts_total", "mailgate_upstream_duration_seconds_bucket"} <= used
+    assert {
+        "mailgate_verdicts_total",
+        "mailgate_upstream_duration_seconds_bucket",
+        "mailgate_plugin_duration_seconds_bucket",
+        "mailgate_state_up",
+    } <= used
+    # Imported, it asks for the data source; every panel and query uses that one.
+    [source] = dashboard["__inputs"]
+    assert source["name"] == "DS_PROMETHEUS" and source["pluginId"] == "prometheus"
+    queries = json.dumps([dashboard["panels"], dashboard["templating"]])
+    uids = re.findall(r'"uid": "([^"]*)"', queries)
+    assert uids and set(uids) == {"${DS_PROMETHEUS}"}
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 def test_reloads_are_counted_and_counters_carry_on(make_gateway, loop_thread):
@@ -216,3 +282,26 @@ def test_reloads_are_counted_and_counters_carry_on(make_gateway, loop_thread):
     assert loop_thread.run(gw.gateway.reload()) is True
     assert gw.gateway.metrics_server.bound[0] == "127.0.0.2"
     assert sample(scrape(metrics_port(gw), "127.0.0.2"), "mailgate_connections_total") == 2
+
+
+@pytest.mark.redis
+def test_state_up_follows_the_redis_backend(make_gateway, redis_server):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        state={"url": redis_server.url, "timeout": "1s"},
+        plugins={"ratelimit": {"rules": [{"key": "client_ip", "rate": "1000/1h"}]}},
+    )
+    port = metrics_port(gw)
+
+    def mail() -> int:
+        with gw.client() as client:
+            return client.mail("alice@example.net")[0]
+
+    assert mail() == 250
+    assert sample(scrape(port), "mailgate_state_up") == 1
+    redis_server.stop()
+    assert mail() == 451  # on_error: tempfail
+    assert sample(scrape(port), "mailgate_state_up") == 0
+    redis_server.start()
+    assert mail() == 250
+    assert sample(scrape(port), "mailgate_state_up") == 1

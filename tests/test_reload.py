@@ -75,8 +75,8 @@ def test_sighup_swaps_the_policy_while_a_session_finishes_on_the_old_one(
     result = mailgate("reload", "-c", str(policy))
     assert result.returncode == 0, result.stderr
     assert f"pid {gw.proc.pid}" in result.stdout
-    assert gw.wait_log("policy reloaded from")
-    assert "changed: domains, plugins.stamp" in gw.log
+    assert gw.wait_log("policy reloaded: file=")
+    assert "changed=domains,plugins.stamp" in gw.log
 
     # The session in flight finishes on the policy it started with ...
     assert old.data(MESSAGE)[0] == 250

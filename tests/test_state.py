@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,6 +211,76 @@ def test_unreachable_redis_raises_state_error_quickly():
             await store.close()
 
     run(go())
+
+
+def _state_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "mailgate.state"]
+
+
+@pytest.mark.redis
+def test_a_hung_redis_costs_the_timeout_once_and_is_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+):
+    """SIGSTOP: connections are accepted by the kernel, nothing ever answers."""
+    caplog.set_level(logging.INFO, logger="mailgate.state")
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+
+    async def go() -> None:
+        store = RedisState(redis_server.url, 0.5, "t:")
+        try:
+            assert (await store.rate("k", 1.0, 10)).allowed and store.up
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for _ in range(3):
+                    started = time.monotonic()
+                    with pytest.raises(StateError, match=r"no answer within 0\.5s"):
+                        await store.rate("k", 1.0, 10)
+                    # state.timeout bounds the whole call: no second wait on a retry.
+                    assert 0.45 < time.monotonic() - started < 0.9
+                    assert not store.up
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert (await store.rate("k", 1.0, 10)).allowed and store.up
+        finally:
+            await store.close()
+
+    run(go())
+    lines = _state_lines(caplog)
+    assert [level for level, _ in lines] == ["WARNING", "INFO"]
+    assert lines[0][1] == (
+        f"state store unreachable: backend={redis_server.url} error=no answer within 0.5s"
+    )
+    assert lines[1][1].startswith(f"state store reachable again: backend={redis_server.url} down=")
+    assert lines[1][1].endswith(" failed_checks=3")
+
+
+@pytest.mark.redis
+def test_a_redis_that_goes_down_and_comes_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="mailgate.state")
+
+    async def go() -> None:
+        store = RedisState(redis_server.url, 1.0, "t:")
+        try:
+            assert (await store.greylist("k", 0, 60, 60)).status is GreylistStatus.NEW
+            redis_server.stop()
+            for _ in range(5):
+                started = time.monotonic()
+                with pytest.raises(StateError, match=r"redis redis://127\.0\.0\.1"):
+                    await store.rate("k", 1.0, 10)
+                assert time.monotonic() - started < 0.5  # refused at once: no waiting
+            assert not store.up
+            redis_server.start()  # same port; the pool's old connection is stale
+            assert (await store.rate("k", 1.0, 10)).allowed and store.up
+        finally:
+            await store.close()
+
+    run(go())
+    lines = _state_lines(caplog)
+    assert [level for level, _ in lines] == ["WARNING", "INFO"]
+    assert "failed_checks=5" in lines[1][1]
 
 
 def test_redis_passwords_never_reach_the_logs():

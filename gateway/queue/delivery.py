@@ -114,7 +114,11 @@ class QueueUpstream:
         await asyncio.shield(asyncio.to_thread(self.spool.store, entry, message))
         self.schedule(entry.id, 0.0)
         log.info(
-            "queued id=%s from=<%s> rcpts=%d size=%d", entry.id, sender, len(recipients), entry.size
+            "queued id=%s from=%s rcpts=%d size=%d",
+            entry.id,
+            f"<{sender}>",
+            len(recipients),
+            entry.size,
         )
         return entry.id
 
@@ -177,7 +181,7 @@ class QueueUpstream:
         try:
             await self._deliver(queue_id)
         except Exception:
-            log.exception("delivery of %s failed; retrying later", queue_id)
+            log.exception("delivery failed, retrying later: id=%s", queue_id)
             self._inflight.discard(queue_id)
             self.schedule(queue_id, time.time() + self.config.retry_min)
         finally:
@@ -192,7 +196,7 @@ class QueueUpstream:
             try:
                 entry = await asyncio.to_thread(self.spool.load, queue_id)
             except (OSError, ValueError, TypeError) as exc:
-                log.error("cannot read the envelope of %s, skipped: %s", queue_id, exc)
+                log.error("cannot read the envelope, skipped: id=%s error=%s", queue_id, exc)
                 continue
             if entry is not None:
                 self.schedule(queue_id, entry.next_attempt)
@@ -268,7 +272,7 @@ class QueueUpstream:
             final = await txn.data(message)
         except Exception:
             txn.abort()
-            log.exception("delivery of %s failed", entry.id)
+            log.exception("delivery failed: id=%s", entry.id)
             return dict.fromkeys(rcpts, INTERNAL)
         except BaseException:
             txn.abort()
@@ -289,9 +293,9 @@ class QueueUpstream:
             if reply.transient and expired:
                 outcome = "expired"
             log.info(
-                "delivery id=%s to=<%s> route=%s outcome=%s reply=%r",
+                "delivery id=%s to=%s route=%s outcome=%s reply=%s",
                 entry.id,
-                rcpt,
+                f"<{rcpt}>",
                 route,
                 outcome,
                 str(reply),
@@ -328,7 +332,7 @@ class QueueUpstream:
         if not entry.sender.isascii():
             options.append("SMTPUTF8")
         dsn_id = await self.enqueue("", [entry.sender], dsn, options=options)
-        log.info("dsn id=%s for=%s to=<%s>", dsn_id, entry.id, entry.sender)
+        log.info("dsn id=%s for=%s to=%s", dsn_id, entry.id, f"<{entry.sender}>")
 
 
 class QueueTransaction:
@@ -362,7 +366,7 @@ class QueueTransaction:
                 identity=self.identity,
             )
         except OSError as exc:
-            log.error("spool write failed: %s", exc)
+            log.error("spool write failed: error=%s", exc)
             return SPOOL_FAILED
         return Reply(250, f"Ok: queued as {queue_id}", "2.0.0")
 

@@ -11,8 +11,10 @@ Every check is one atomic check-and-update: a GCRA rate check
 (:meth:`StateBackend.greylist`). In Redis each is one Lua script, timed by the
 Redis server's clock (so gateways with skewed clocks still agree), and every
 key carries a TTL, so nothing grows forever. A backend that cannot answer
-(Redis down, too slow) raises :class:`StateError`; what a plugin does then is
-its own ``on_error`` policy (``tempfail`` or ``allow``).
+within ``state.timeout`` (Redis down or hung) raises :class:`StateError`; what
+a plugin does then is its own ``on_error`` policy (``tempfail`` or ``allow``).
+The backend's ``up`` turns false (one WARNING) and true again (one INFO),
+which ``/metrics`` shows as ``mailgate_state_up``.
 
 One backend per configuration per process: :func:`acquire` hands every runtime
 with the same ``state:`` settings the same backend, so a reload that starts the
@@ -74,6 +76,8 @@ class StateBackend(Protocol):
 
     description: str
     """``memory`` or the Redis URL without its password, for logs."""
+    up: bool
+    """False from a check that failed until one succeeds (``mailgate_state_up``)."""
 
     async def rate(self, key: str, interval: float, burst: int, cost: int = 1) -> RateDecision:
         """Count ``cost`` requests against the GCRA bucket ``key``.

@@ -23,6 +23,7 @@ class MemoryState:
     """Rate buckets and greylist triplets in a dict, each entry with an expiry time."""
 
     description = "memory"
+    up = True
 
     def __init__(self, key_prefix: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.prefix = key_prefix

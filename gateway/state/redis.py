@@ -13,22 +13,36 @@ Keys (after the configured prefix, ``mailgate:`` by default):
                        expires ``retry_window`` after the first attempt, or
                        ``lifetime`` after the latest use once passed.
 
-A call that cannot complete within ``timeout`` (connect or reply), or any
-Redis error, raises :class:`~mailgate.state.StateError`. A failed call is
-retried once at once on a fresh connection (a connection left from before a
-Redis restart is stale), and never with a backoff that would hold up mail.
+A call that cannot complete within ``timeout`` (connect and reply together:
+the whole call, retry included), or any Redis error, raises
+:class:`~mailgate.state.StateError`. A call that fails on a broken connection
+(one left from before a Redis restart is stale) is retried once at once on a
+fresh one; a call that times out is not retried (a hung Redis would only cost
+the time twice), and nothing waits for a backoff that would hold up mail.
+
+Health: the first failed call after a good one logs one WARNING (``state
+store unreachable``) and sets :attr:`RedisState.up` false; the first call
+that succeeds again logs one INFO (``state store reachable again``, with how
+long it was down and how many checks failed meanwhile).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
+import redis.commands.core
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mailgate.state import GreylistDecision, GreylistStatus, RateDecision, StateError
+
+log = logging.getLogger("mailgate.state")
 
 # GCRA. KEYS[1] bucket; ARGV interval (us), burst, cost. Returns {allowed, retry_after_us, left}.
 RATE_SCRIPT = """
@@ -99,23 +113,52 @@ class RedisState:
     def __init__(self, url: str, timeout: float, key_prefix: str) -> None:
         self.description = redact(url)
         self.prefix = key_prefix
+        self.timeout = timeout
+        self.up = True
+        self._down_since = 0.0
+        self._failures = 0
         self.client = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
+            # A broken connection is retried once on a new one; a timeout is final.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=0,
         )
         self._rate = self.client.register_script(RATE_SCRIPT)
         self._greylist = self.client.register_script(GREYLIST_SCRIPT)
 
+    async def _run(self, script: redis.commands.core.AsyncScript, key: str, args: list[Any]) -> Any:
+        """Run ``script`` within ``timeout``, keeping :attr:`up` and its log lines."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await script([key], args)
+        except TimeoutError:
+            raise self._failed(f"no answer within {self.timeout:g}s") from None
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._failed(str(exc) or type(exc).__name__) from exc
+        if not self.up:
+            self.up = True
+            log.info(
+                "state store reachable again: backend=%s down=%.1fs failed_checks=%d",
+                self.description,
+                time.monotonic() - self._down_since,
+                self._failures,
+            )
+        return result
+
+    def _failed(self, reason: str) -> StateError:
+        self._failures += 1
+        if self.up:
+            self.up = False
+            self._down_since, self._failures = time.monotonic(), 1
+            log.warning("state store unreachable: backend=%s error=%s", self.description, reason)
+        return StateError(f"redis {self.description}: {reason}")
+
     async def rate(self, key: str, interval: float, burst: int, cost: int = 1) -> RateDecision:
         """GCRA check-and-count in one script run."""
         args: list[str | int] = [f"{interval * 1e6:.3f}", burst, cost]
-        try:
-            allowed, retry_us, left = await self._rate([f"{self.prefix}rl:{key}"], args)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StateError(f"redis {self.description}: {exc}") from exc
+        allowed, retry_us, left = await self._run(self._rate, f"{self.prefix}rl:{key}", args)
         return RateDecision(bool(allowed), int(retry_us) / 1e6, int(left))
 
     async def greylist(
@@ -123,10 +166,7 @@ class RedisState:
     ) -> GreylistDecision:
         """Greylist check-and-update in one script run."""
         args = [round(delay * 1000), max(1, round(retry_window * 1000)), round(lifetime * 1000)]
-        try:
-            status, retry_ms = await self._greylist([f"{self.prefix}gl:{key}"], args)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StateError(f"redis {self.description}: {exc}") from exc
+        status, retry_ms = await self._run(self._greylist, f"{self.prefix}gl:{key}", args)
         return GreylistDecision(_GREYLIST_STATUS[int(status)], int(retry_ms) / 1000)
 
     async def close(self) -> None:
