@@ -23,6 +23,8 @@ from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecor
 from mailgate.decisionlog import log_connection, log_transaction
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
+from mailgate.queue.handoff import QueueTransaction, sender_verified
+from mailgate.queue.quarantine import held_by
 from mailgate.relay import UpstreamTransaction
 from mailgate.rewrite import strip_headers
 from mailgate.runtime import Runtime
@@ -162,9 +164,10 @@ class SmtpSession:
         if outcome.reply is not None:
             self._finish("mail", outcome.reply)
             return outcome.reply
-        txn.upstream = ObservedTransaction(
-            self.rt.upstream.begin(ClientIdentity.of(self.session)), self.rt.observers
-        )
+        inner = self.rt.upstream.begin(ClientIdentity.of(self.session))
+        if isinstance(inner, QueueTransaction):
+            inner.bind(self.session, env)  # queue mode: for the DSN rule and `queue show`
+        txn.upstream = ObservedTransaction(inner, self.rt.observers)
         forwarded = [o for o in options if o in _FORWARDED_MAIL_OPTIONS]
         reply = await txn.upstream.mail(sender, forwarded)
         if not reply.positive:
@@ -214,8 +217,12 @@ class SmtpSession:
             if reply is not None:
                 await self.refuse_data(reply, len(raw))
                 return reply
-            relayed = strip_headers(raw, env.card.strip)
-            upstream_reply = await upstream.data(self._added_headers(env) + relayed)
+            relayed = self._added_headers(env) + strip_headers(raw, env.card.strip)
+            if (hold := held_by(self.session, env)) is not None:
+                reply = await self._hold(env, relayed, hold)
+                await self.refuse_data(reply, len(raw))  # RSETs the upstream
+                return reply
+            upstream_reply = await upstream.data(relayed)
         except BaseException:
             self._finish("data", None, abort_upstream=True, size=len(raw))
             raise
@@ -253,6 +260,21 @@ class SmtpSession:
 
     # ---------------------------------------------------------------- helpers
 
+    async def _hold(self, env: Envelope, message: bytes, hold: tuple[str, list[str]]) -> Reply:
+        """Quarantine the message in the spool (``mailgate.queue.quarantine``)."""
+        assert self.session is not None
+        return await self.rt.queue.hold(
+            env.sender,
+            list(env.recipients),
+            message,
+            reason=hold[0],
+            rules=hold[1],
+            options=[o for o in env.mail_options if o in _FORWARDED_MAIL_OPTIONS],
+            identity=ClientIdentity.of(self.session),
+            verified=sender_verified(self.session, env),
+            verdicts=[r.label() for r in env.card.verdicts],
+        )
+
     def _apply_scoring(self, env: Envelope) -> Reply | None:
         """Compare the total score with the policy's thresholds; record what they decided."""
         scoring = self.rt.policy.scoring
@@ -263,6 +285,13 @@ class SmtpSession:
                 VerdictRecord("scoring", "on_data", "score.reject", "reject", reason, True, score)
             )
             return SPAM_REJECT
+        if scoring.quarantine is not None and score >= scoring.quarantine:
+            reason = f"score {score:g} >= quarantine threshold {scoring.quarantine:g}"
+            env.card.verdicts.append(
+                VerdictRecord(
+                    "scoring", "on_data", "score.quarantine", "quarantine", reason, True, score
+                )
+            )
         if scoring.tag is not None and score >= scoring.tag:
             reason = f"score {score:g} >= tag threshold {scoring.tag:g}"
             env.card.verdicts.append(

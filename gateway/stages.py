@@ -6,7 +6,8 @@ policy order (``tryfirst``/``trylast`` respected):
 
 - call it with the arguments it asks for, await the result if awaitable, under
   the plugin's ``timeout``;
-- ``None``: go on. A tag: add its score and headers, go on. An accept, reject
+- ``None``: go on. A tag or a quarantine (held at end of DATA by the session):
+  add its score and headers, go on. An accept, reject
   or tempfail: stop; the stage's reply is the verdict's (none for accept);
 - in ``monitor`` mode (the plugin's, or the rule's in ``rule_modes``) the
   verdict is recorded as "would have" and changes nothing; a rule in ``off``
@@ -175,7 +176,7 @@ class StageRunner:
             )
             if not enforced:
                 continue
-            if result.action is Action.TAG:
+            if result.action in (Action.TAG, Action.QUARANTINE):
                 card.score += result.score
                 card.headers.extend(result.headers)
                 card.strip.extend(result.strip)

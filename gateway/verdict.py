@@ -22,6 +22,7 @@ class Action(enum.Enum):
     REJECT = "reject"  # 5xx; ends the stage
     TEMPFAIL = "tempfail"  # 4xx; ends the stage
     TAG = "tag"  # adds score and headers; the stage goes on
+    QUARANTINE = "quarantine"  # holds the message in the spool (250); the stage goes on
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ class Verdict:
     """One plugin's decision at one stage.
 
     Build verdicts with the class methods :meth:`accept`, :meth:`reject`,
-    :meth:`tempfail` and :meth:`tag` rather than the constructor.
+    :meth:`tempfail`, :meth:`tag` and :meth:`quarantine` rather than the constructor.
     """
 
     action: Action
@@ -119,8 +120,18 @@ class Verdict:
             strip=tuple(strip),
         )
 
+    @classmethod
+    def quarantine(cls, rule: str, reason: str, *, score: float = 0.0) -> Verdict:
+        """Hold the message in the spool instead of relaying it; the client gets ``250``.
+
+        The stage goes on (a later reject still refuses the message); at end of
+        DATA the message is kept, held, with ``reason`` and ``rule``, until an
+        operator runs ``mailgate queue release`` or ``delete``.
+        """
+        return cls(Action.QUARANTINE, rule, reason, score=score)
+
     def reply(self) -> Reply | None:
-        """The SMTP reply this verdict gives, or None for accept and tag."""
+        """The SMTP reply this verdict gives, or None for accept, tag and quarantine."""
         if self.action in (Action.REJECT, Action.TEMPFAIL):
             return Reply(self.code, self.text, self.status)
         return None
