@@ -36,6 +36,10 @@ metric                                          labels
 ``mailgate_policy_reloads_total``               ``result`` (ok, failed)
 ``mailgate_policy_loaded_timestamp_seconds``    (gauge) when the running policy was loaded
 ``mailgate_draining``                           (gauge) 1 from SIGTERM until exit
+``mailgate_queue_messages``                     (gauge) ``state`` (queued, held, corrupt):
+                                                the spool at its last scan
+``mailgate_queue_corrupt_moved_total``          damaged entries moved to ``corrupt/``
+``mailgate_queue_write_errors_total``           spool writes that failed (a full disk)
 ==============================================  =========================================
 
 Verdicts of the connect and HELO stages are counted at once; those of a
@@ -54,11 +58,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from mailgate.decisionlog import outcome_of
 from mailgate.observer import Observer
 from mailgate.policy import split_host_port
+from mailgate.queue.spool import STATS
 
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord
@@ -86,6 +92,27 @@ class _Children:
         if child is None:
             child = self.cache[values] = self.metric.labels(*values)
         return child
+
+
+class _QueueCollector:
+    """The spool's figures (``mailgate.queue.spool.STATS``), read at scrape time."""
+
+    def collect(self) -> Any:
+        gauge = GaugeMetricFamily(
+            "mailgate_queue_messages", "Messages in the spool by state", labels=["state"]
+        )
+        for state, value in (("queued", STATS.queued), ("held", STATS.held)):
+            gauge.add_metric([state], value)
+        gauge.add_metric(["corrupt"], STATS.corrupt)
+        yield gauge
+        yield CounterMetricFamily(
+            "mailgate_queue_corrupt_moved",
+            "Damaged spool entries moved to corrupt/",
+            value=STATS.corrupt_moved,
+        )
+        yield CounterMetricFamily(
+            "mailgate_queue_write_errors", "Spool writes that failed", value=STATS.write_errors
+        )
 
 
 class Metrics(Observer):
@@ -154,6 +181,7 @@ class Metrics(Observer):
         self.draining = Gauge(
             "mailgate_draining", "1 while the gateway is shutting down", registry=r
         )
+        r.register(_QueueCollector())
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)

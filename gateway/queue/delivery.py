@@ -200,13 +200,16 @@ class QueueUpstream:
             return
         await self.ensure_started()
 
+    def _started_now(self) -> bool:
+        return self._started
+
     async def ensure_started(self) -> None:
         """Start the spool's machinery once."""
         if self._started:
             return
         async with self._start_lock:
-            if self._started:
-                return
+            if self._started_now():
+                return  # another task started it while we waited for the lock
             await asyncio.to_thread(self.spool.prepare)
             self._started = True
             await self._scan()
