@@ -56,9 +56,10 @@ def queue_list(spool: Spool, held_only: bool = False) -> int:
         except Damaged as exc:
             damaged.append((queue_id, str(exc)))
             continue
+        if spool.stale(queue_id):
+            damaged.append((queue_id, "envelope without its message (stale)"))
+            continue
         if entry is None:
-            if spool.stale(queue_id):
-                damaged.append((queue_id, "envelope without its message (stale)"))
             continue
         if held_only and not entry.held:
             continue
