@@ -36,6 +36,7 @@ log = logging.getLogger("mailgate.session")
 TOO_MANY_RECIPIENTS = Reply(452, "Too many recipients", "4.5.3")
 INTERNAL_ERROR = Reply(451, "Internal error, try again later", "4.3.0")
 SPAM_REJECT = Reply(550, "Message refused as spam", "5.7.1")
+HELD_DRY_RUN = Reply(250, "Ok: would be held in quarantine (dry run)", "2.0.0")
 
 # MAIL parameters we pass on. Not SIZE: the client's figure leaves out the headers we add.
 _FORWARDED_MAIL_OPTIONS = ("BODY=8BITMIME", "BODY=7BIT", "SMTPUTF8")
@@ -263,6 +264,8 @@ class SmtpSession:
     async def _hold(self, env: Envelope, message: bytes, hold: tuple[str, list[str]]) -> Reply:
         """Quarantine the message in the spool (``mailgate.queue.quarantine``)."""
         assert self.session is not None
+        if self.rt.queue is None:  # a dry run (``mailgate test``): say so, keep nothing
+            return HELD_DRY_RUN
         return await self.rt.queue.hold(
             env.sender,
             list(env.recipients),
