@@ -174,3 +174,15 @@ def test_inline_mode_makes_no_spool_until_something_is_held(make_gateway, upstre
     assert not spool.exists()
     held_id(send(gw))
     assert (spool / "queue").is_dir()
+
+
+def test_a_dry_run_says_it_would_hold_and_keeps_nothing(tmp_path, policy, spool, capsys):
+    path = tmp_path / "p.yaml"
+    doc = {"hostname": "mailgate.test", "domains": ["example.com"], **policy("inline")}
+    path.write_text(json.dumps(doc))
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MARKED)
+    assert mailgate(["test", "-c", str(path), str(eml), "--to", "bob@example.com"]) == 0
+    out = capsys.readouterr().out
+    assert "would be held in quarantine (dry run)" in out and "test.hold" in out
+    assert not spool.exists()
