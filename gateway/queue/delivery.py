@@ -88,6 +88,8 @@ class QueueUpstream:
         self.refusals = RefusalCache(self.config.refusal_cache)
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._reported: set[str] = set()
+        """Entries whose damage could not be set aside, already logged once."""
         self._attempts: dict[str, int] = {}
         """Attempts counted in memory when the envelope could not be rewritten."""
         self._make_upstream = make_upstream
@@ -296,19 +298,16 @@ class QueueUpstream:
             if queue_id in self._inflight:
                 continue
             try:
-                entry = self.spool.load(queue_id)
-            except Damaged as exc:
-                self._set_aside(queue_id, str(exc))
+                entry = self._scan_one(queue_id, now)
+            except OSError as exc:  # cannot even set it aside (read-only, full): say so once
+                if queue_id not in self._reported:
+                    self._reported.add(queue_id)
+                    log.error("spool: cannot handle %s: %s", queue_id, exc)
                 continue
             if entry is None:
-                if self.spool.stale(queue_id):
-                    self._set_aside(queue_id, "envelope without its message")
                 continue
             if entry.held:
-                if now - entry.held_since >= self.policy.quarantine.lifetime:
-                    self._expire_held(entry)
-                else:
-                    held += 1
+                held += 1
                 continue
             queued += 1
             due.append((queue_id, entry.next_attempt))
@@ -316,6 +315,22 @@ class QueueUpstream:
         STATS.held = held
         STATS.corrupt = len(self.spool.corrupt())
         return due
+
+    def _scan_one(self, queue_id: str, now: float) -> Entry | None:
+        """The entry to count, or None once damage was set aside or held mail expired."""
+        try:
+            entry = self.spool.load(queue_id)
+        except Damaged as exc:
+            self._set_aside(queue_id, str(exc))
+            return None
+        if entry is None:
+            if self.spool.stale(queue_id):
+                self._set_aside(queue_id, "envelope without its message")
+            return None
+        if entry.held and now - entry.held_since >= self.policy.quarantine.lifetime:
+            self._expire_held(entry)
+            return None
+        return entry
 
     def _set_aside(self, queue_id: str, why: str) -> None:
         """Move a damaged entry to ``corrupt/`` under its lock (a thread); once per entry."""
