@@ -22,7 +22,9 @@ spooled. A recipient never seen before is spooled during an outage; if the
 upstream refuses it later, a DSN goes out only under the rules of
 :func:`sender_verified` (see ``docs/delivery.md``).
 
-Recipients routed elsewhere by ``routes`` are spooled without lockstep.
+While every server of ``upstream`` is marked down (``down_for``, after a
+failed connection) MAIL skips the lockstep and the message is spooled at
+once. Recipients routed elsewhere by ``routes`` are spooled without lockstep.
 ``handoff_timeout: 0`` turns the lockstep off (spool first, as before 0.x).
 """
 
@@ -35,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
-from mailgate.relay import SmtpTransaction, UpstreamTransaction
+from mailgate.relay import SmtpTransaction, SmtpUpstream, UpstreamTransaction
 from mailgate.verdict import Reply
 from mailgate.xclient import ClientIdentity
 
@@ -164,7 +166,12 @@ class QueueTransaction:
         self.sender, self.options = sender, list(options)
         if not self._lockstep_route():
             return _MAIL_OK
-        txn = self.queue.route("").begin(self.identity)
+        upstream = self.queue.route("")
+        if isinstance(upstream, SmtpUpstream) and not any(upstream.health().values()):
+            # Every server is marked down (for ``down_for``): spool at once rather than make
+            # each client wait out the budget; the queue's retries find it up again.
+            return _MAIL_OK
+        txn = upstream.begin(self.identity)
         reply = await self._step(txn, txn.mail(sender, options))
         if reply.positive:
             self.live = txn
