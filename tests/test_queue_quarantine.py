@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from mailgate.cli import main as mailgate
+from mailgate.metrics import Metrics
 from mailgate.queue.spool import STATS
 from tests.ops_support import wait_until
 from tests.support import MESSAGE
@@ -132,6 +134,8 @@ def test_hold_delete_and_counts(make_gateway, upstream, policy, spool, capsys):
     assert mailgate(["queue", "-c", config, "hold", env["id"]]) == 0
     held = held_id(send(gw))
     assert wait_until(lambda: STATS.held == 2)
+    exposed = generate_latest(Metrics().registry).decode()
+    assert 'mailgate_queue_messages{state="held"} 2.0' in exposed
     upstream.start()
     time.sleep(1.5)  # due, but held: not delivered
     assert upstream.messages == []
