@@ -267,8 +267,12 @@ def test_enospc_in_maildir_delivery_leaves_no_partial_file(
 def test_queue_list_into_a_closed_pipe_and_mailgate_config(tmp_path, spool):
     policy = tmp_path / "p.yaml"
     policy.write_text(json.dumps({"delivery": "queue", "queue": {"directory": str(spool)}}))
-    for _ in range(300):
-        place(spool, MESSAGE)
+    first = place(spool, MESSAGE)
+    envelope = json.loads((spool / "queue" / f"{first}.env").read_text())
+    for _ in range(1000):  # ~150 kB of listing: more than a pipe holds
+        queue_id = new_id()
+        (spool / "queue" / f"{queue_id}.msg").write_bytes(MESSAGE)
+        (spool / "queue" / f"{queue_id}.env").write_text(json.dumps({**envelope, "id": queue_id}))
     env = {**os.environ, "MAILGATE_CONFIG": str(policy)}
     done = subprocess.run(
         f"{sys.executable} -m mailgate queue list | head -1",
