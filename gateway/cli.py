@@ -109,15 +109,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     runtime = _load(config)
     if runtime is None:
         return EXIT_BAD_POLICY
-    try:
-        result = admin.run(runtime.policy, args)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `mailgate queue list | head -1`: the reader has gone; say nothing more.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    return result
+    return admin.run(runtime.policy, args)
 
 
 _QUEUE_HELP = """\
@@ -214,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mailgate`` console script."""
     configure_logging(Logging())  # text at info until a policy says otherwise
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `mailgate queue list | head -1`: the reader has gone; say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return result
 
 
