@@ -3,7 +3,8 @@
 ``mailgate rules -c POLICY`` lists every rule id of the policy's plugins (their
 ``RULES`` declarations) with its default action, score, mode and description.
 
-``mailgate queue list | flush | delete ID`` manages the spool of queue mode.
+``mailgate queue list | show | hold | release | delete | flush`` manages the
+spool (queued and quarantined mail); without ``-c`` it reads ``$MAILGATE_CONFIG``.
 
 ``mailgate --version`` prints the installed version; ``mailgate`` alone, the help.
 
@@ -151,13 +152,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    """``queue list | flush | delete ID`` on the policy's spool (``mailgate.queue.admin``)."""
+    """``queue list | show | hold | release | delete | flush`` (``mailgate.queue.admin``)."""
     from mailgate.queue import admin
 
-    runtime = _load(args.config)
+    config = args.config or os.environ.get("MAILGATE_CONFIG") or DEFAULT_POLICY
+    runtime = _load(config)
     if runtime is None:
         return EXIT_BAD_POLICY
     return admin.run(runtime.policy, args)
+
+
+_QUEUE_HELP = """\
+Manage the spool: queued mail (delivery: queue) and quarantined (held) mail.
+The policy is -c FILE, else $MAILGATE_CONFIG, else policies/default.yaml
+(relative to the current folder); its queue.directory is the spool."""
+
+
+def _queue_parser(sub: Any) -> None:
+    q = sub.add_parser(
+        "queue",
+        help="list, show, hold, release, delete or flush spooled mail",
+        description=_QUEUE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config_help = "policy file (YAML); default: $MAILGATE_CONFIG, else " + DEFAULT_POLICY
+    q.add_argument("-c", "--config", help=config_help)
+    actions = q.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="list queued, held and damaged messages")
+    ls.add_argument("--held", action="store_true", help="held (quarantined) messages only")
+    show = actions.add_parser("show", help="envelope, verdicts and headers of one message")
+    show.add_argument("--raw", action="store_true", help="write the whole message as stored")
+    for name, text in (
+        ("show", None),
+        ("hold", "quarantine a queued message"),
+        ("release", "let a held message go: delivered now, as it is"),
+        ("delete", "delete a message (queued, held or damaged), no DSN"),
+    ):
+        p = show if name == "show" else actions.add_parser(name, help=text)
+        p.add_argument("id", help="the queue id")
+    actions.add_parser("flush", help="retry every queued message now")
+    for p in actions.choices.values():
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
+    q.set_defaults(func=cmd_queue)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -207,11 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", default=DEFAULT_POLICY, help="policy file (YAML)")
         p.set_defaults(func=func)
-    q = sub.add_parser("queue", help="list, flush or delete queued mail (delivery: queue)")
-    q.add_argument("-c", "--config", default=DEFAULT_POLICY, help="policy file (YAML)")
-    q.add_argument("action", choices=("list", "flush", "delete"))
-    q.add_argument("id", nargs="?", help="the queue id to delete")
-    q.set_defaults(func=cmd_queue)
+    _queue_parser(sub)
     sub.choices["run"].add_argument("--pid-file", help="write the pid here (over pid_file:)")
     t = sub.add_parser("test", help="dry-run a message through the policy, or run test cases")
     policytest.add_arguments(t)
@@ -231,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()  # no command: say what there is, not a usage error
         return 0
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `mailgate queue list | head -1`: the reader has gone; say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return result
 
 

@@ -5,12 +5,18 @@ to ``tmp/``, fsynced, then renamed into ``new/`` and the folder fsynced, so a
 250 means the message is on disk. The envelope is kept in headers added on
 top, as a local delivery agent does: ``Return-Path`` and one ``Delivered-To``
 per recipient.
+
+A write that fails (a full disk: ENOSPC, EIO, ...) removes its file from
+``tmp/`` on every path, logs one ERROR line, and answers ``451 4.3.0``: the
+client (or the queue, with its backoff) tries again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import os
 import socket
 import time
@@ -18,6 +24,7 @@ import time
 from mailgate.verdict import Reply
 
 _counter = itertools.count()
+log = logging.getLogger("mailgate.maildir")
 
 
 def _fsync_dir(path: str) -> None:
@@ -49,14 +56,20 @@ class MaildirUpstream:
         tmp = os.path.join(self.path, "tmp", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, envelope_headers)
-            view = memoryview(message)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(self.path, "new", name))
+            try:
+                for part in (envelope_headers, message):
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(self.path, "new", name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # Renamed: the file is complete. A failed folder fsync is reported, the file stays.
         _fsync_dir(os.path.join(self.path, "new"))
         return name
 
@@ -90,6 +103,7 @@ class MaildirTransaction:
                 self.upstream.write, head.encode("utf-8", "surrogateescape"), message
             )
         except OSError as exc:
+            log.error("maildir delivery to %s failed: %s", self.upstream.path, exc)
             return Reply(451, f"Local delivery failed: {exc.strerror}", "4.3.0")
         return Reply(250, f"Ok: delivered as {name}", "2.0.0")
 

@@ -45,6 +45,10 @@ metric                                          labels
                                                 (``452 4.3.1``, before 354 or after the dot)
 ``mailgate_state_up``                           (gauge) 1 while the state store (Redis)
                                                 answers, 0 after a check failed
+``mailgate_queue_messages``                     (gauge) ``state`` (queued, held, corrupt):
+                                                the spool at its last scan
+``mailgate_queue_corrupt_moved_total``          damaged entries moved to ``corrupt/``
+``mailgate_queue_write_errors_total``           spool writes that failed (a full disk)
 ==============================================  =========================================
 
 Which plugin is slow::
@@ -72,6 +76,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from mailgate.admission import MEMORY_RULE, PROCESS_BUDGET
@@ -80,6 +85,7 @@ from mailgate.observer import Observer
 from mailgate.policy import split_host_port
 from mailgate.registry import EVENTS, STAGES
 from mailgate.version import version
+from mailgate.queue.spool import STATS
 
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord
@@ -122,6 +128,27 @@ class _Children:
         if child is None:
             child = self.cache[values] = self.metric.labels(*values)
         return child
+
+
+class _QueueCollector:
+    """The spool's figures (``mailgate.queue.spool.STATS``), read at scrape time."""
+
+    def collect(self) -> Any:
+        gauge = GaugeMetricFamily(
+            "mailgate_queue_messages", "Messages in the spool by state", labels=["state"]
+        )
+        for state, value in (("queued", STATS.queued), ("held", STATS.held)):
+            gauge.add_metric([state], value)
+        gauge.add_metric(["corrupt"], STATS.corrupt)
+        yield gauge
+        yield CounterMetricFamily(
+            "mailgate_queue_corrupt_moved",
+            "Damaged spool entries moved to corrupt/",
+            value=STATS.corrupt_moved,
+        )
+        yield CounterMetricFamily(
+            "mailgate_queue_write_errors", "Spool writes that failed", value=STATS.write_errors
+        )
 
 
 class Metrics(Observer):
@@ -217,6 +244,7 @@ class Metrics(Observer):
         )
         self._state: Callable[[], StateBackend | None] = lambda: None
         self.state_up.set_function(self._state_is_up)
+        r.register(_QueueCollector())
         # The data path's label children, looked up once per label set.
         self._stage = _Children(self.stage_seconds)
         self._verdict = _Children(self.verdicts)

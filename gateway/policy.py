@@ -203,6 +203,22 @@ class Queue(StrictModel):
     """After this long undelivered, the sender gets a DSN and the message is dropped."""
     scan_interval: Duration = 60.0
     """How often the spool folder is re-read (other processes, ``mailgate queue flush``)."""
+    handoff_timeout: Duration = Field(default=5.0, le=300)
+    """The budget of each lockstep step (MAIL, RCPT, the message) with the upstream; past
+    it, or on 4xx or a dead upstream, the message is spooled. ``0``: always spool first."""
+    refusal_cache: Duration = 600.0
+    """How long a recipient the upstream refused for good (5xx) is refused at RCPT, even
+    while the upstream is down (as Postfix's verify(8)); ``0``: not remembered."""
+    dsn_fallback: str | None = None
+    """Where DSNs go when the sender was not verified (SPF pass, DKIM pass for its domain,
+    or a trusted client); unset: such DSNs are not sent (a log line says so)."""
+
+
+class Quarantine(StrictModel):
+    """Held mail (a ``quarantine`` verdict): kept in the spool until released or deleted."""
+
+    lifetime: Duration = 30 * 86400.0
+    """After this long a held message is deleted, with a log line and no DSN."""
 
 
 class Limits(StrictModel):
@@ -260,6 +276,8 @@ class Scoring(StrictModel):
 
     tag: float | None = 5.0
     reject: float | None = 15.0
+    quarantine: float | None = None
+    """A score at or above this (and below ``reject``) holds the message in the spool."""
     flag_header: str = "X-Spam-Flag"
     score_header: str = "X-Spam-Score"
 
@@ -337,10 +355,12 @@ class Policy(StrictModel):
     listen: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
     upstream: UpstreamField = Field(default_factory=Upstream)
     delivery: Literal["inline", "queue"] = "inline"
-    """``inline``: relay in lockstep; ``queue``: spool (fsynced) before 250, deliver later."""
+    """``inline``: relay in lockstep; ``queue``: lockstep while the upstream answers,
+    else spool (fsynced) before 250 and deliver later."""
     routes: dict[str, UpstreamField] = Field(default_factory=dict)
     """Queue mode: recipient domain (``.example.com`` = its subdomains, ``*`` = any) -> upstream."""
     queue: Queue = Field(default_factory=Queue)
+    quarantine: Quarantine = Field(default_factory=Quarantine)
     domains: list[str] = Field(default_factory=list)
     """Recipient domains mail is accepted for (subdomains are not included)."""
     trusted_networks: list[NetworkField] = Field(default_factory=list)

@@ -66,6 +66,17 @@ class Runtime:
         self.runner = StageRunner(plugin_set, self.observers)
         self.dns = Resolver(policy.dns)
         self.upstream: Upstream = upstream or make_upstream(policy, self.dns)
+        self.queue: QueueUpstream | None = None
+        """The spool: queue mode's upstream, or (in-line mode) the home of held mail;
+        None with a stand-in ``upstream`` (``mailgate test``: nothing is held for real)."""
+        if isinstance(self.upstream, QueueUpstream):
+            self.queue = self.upstream
+        elif upstream is None:
+            self.queue = QueueUpstream(
+                policy,
+                lambda config: upstream_for(config, policy.hostname, self.dns),
+                held_only=True,
+            )
         self.state: state_store.StateBackend | None = None
         self.sessions: set[SmtpSession] = set()
         """The open connections that use this runtime."""
@@ -113,13 +124,15 @@ class Runtime:
             self.policy, self.policy.hostname, self.dns, self.state, self.plugin_set.plugins
         )
         await self.runner.run_event("on_startup", context=context)
-        if isinstance(self.upstream, QueueUpstream):
-            await self.upstream.start()  # resumes the spool
+        if self.queue is not None:
+            await self.queue.start()  # resumes the spool (in-line mode: only if it exists)
 
     async def stop(self) -> None:
         """Run every plugin's ``on_shutdown`` and close idle upstream connections."""
         await self.runner.run_event("on_shutdown")
         await self.upstream.close()
+        if self.queue is not None and self.queue is not self.upstream:
+            await self.queue.close()
         if self.state is not None:
             self.state = None
             await state_store.release(self.policy.state)

@@ -23,6 +23,8 @@ from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecor
 from mailgate.decisionlog import log_connection, log_transaction
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
+from mailgate.queue.handoff import QueueTransaction, sender_verified
+from mailgate.queue.quarantine import held_by
 from mailgate.relay import UpstreamTransaction
 from mailgate.rewrite import assemble
 from mailgate.runtime import Runtime
@@ -34,6 +36,7 @@ log = logging.getLogger("mailgate.session")
 TOO_MANY_RECIPIENTS = Reply(452, "Too many recipients", "4.5.3")
 INTERNAL_ERROR = Reply(451, "Internal error, try again later", "4.3.0")
 SPAM_REJECT = Reply(550, "Message refused as spam", "5.7.1")
+HELD_DRY_RUN = Reply(250, "Ok: would be held in quarantine (dry run)", "2.0.0")
 
 # MAIL parameters we pass on. Not SIZE: the client's figure leaves out the headers we add.
 _FORWARDED_MAIL_OPTIONS = ("BODY=8BITMIME", "BODY=7BIT", "SMTPUTF8")
@@ -162,9 +165,10 @@ class SmtpSession:
         if outcome.reply is not None:
             self._finish("mail", outcome.reply)
             return outcome.reply
-        txn.upstream = ObservedTransaction(
-            self.rt.upstream.begin(ClientIdentity.of(self.session)), self.rt.observers
-        )
+        inner = self.rt.upstream.begin(ClientIdentity.of(self.session))
+        if isinstance(inner, QueueTransaction):
+            inner.bind(self.session, env)  # queue mode: for the DSN rule and `queue show`
+        txn.upstream = ObservedTransaction(inner, self.rt.observers)
         forwarded = [o for o in options if o in _FORWARDED_MAIL_OPTIONS]
         reply = await txn.upstream.mail(sender, forwarded)
         if not reply.positive:
@@ -220,6 +224,10 @@ class SmtpSession:
                 return reply
             relayed = assemble(self._added_headers(env), raw, env.card.strip)
             del raw, message  # the relayed copy is all that is held from here
+            if (hold := held_by(self.session, env)) is not None:
+                reply = await self._hold(env, relayed, hold)
+                await self.refuse_data(reply, size)  # RSETs the upstream
+                return reply
             upstream_reply = await upstream.data(relayed)
         except BaseException:
             self._finish("data", None, abort_upstream=True, size=size)
@@ -265,6 +273,23 @@ class SmtpSession:
 
     # ---------------------------------------------------------------- helpers
 
+    async def _hold(self, env: Envelope, message: bytes, hold: tuple[str, list[str]]) -> Reply:
+        """Quarantine the message in the spool (``mailgate.queue.quarantine``)."""
+        assert self.session is not None
+        if self.rt.queue is None:  # a dry run (``mailgate test``): say so, keep nothing
+            return HELD_DRY_RUN
+        return await self.rt.queue.hold(
+            env.sender,
+            list(env.recipients),
+            message,
+            reason=hold[0],
+            rules=hold[1],
+            options=[o for o in env.mail_options if o in _FORWARDED_MAIL_OPTIONS],
+            identity=ClientIdentity.of(self.session),
+            verified=sender_verified(self.session, env),
+            verdicts=[r.label() for r in env.card.verdicts],
+        )
+
     def _apply_scoring(self, env: Envelope) -> Reply | None:
         """Compare the total score with the policy's thresholds; record what they decided."""
         scoring = self.rt.policy.scoring
@@ -275,6 +300,13 @@ class SmtpSession:
                 VerdictRecord("scoring", "on_data", "score.reject", "reject", reason, True, score)
             )
             return SPAM_REJECT
+        if scoring.quarantine is not None and score >= scoring.quarantine:
+            reason = f"score {score:g} >= quarantine threshold {scoring.quarantine:g}"
+            env.card.verdicts.append(
+                VerdictRecord(
+                    "scoring", "on_data", "score.quarantine", "quarantine", reason, True, score
+                )
+            )
         if scoring.tag is not None and score >= scoring.tag:
             reason = f"score {score:g} >= tag threshold {scoring.tag:g}"
             env.card.verdicts.append(

@@ -7,7 +7,8 @@ policy order (``tryfirst``/``trylast`` respected):
 - call it with the arguments it asks for, await the result if awaitable, under
   the plugin's ``timeout``;
 - ``None``: go on. A verdict, or a list of verdicts taken in order: a tag adds
-  its score and headers and goes on; an accept, reject or tempfail stops, and
+  its score and headers and goes on (so does a quarantine, held at end of
+  DATA by the session); an accept, reject or tempfail stops, and
   the stage's reply is the verdict's (none for accept);
 - each verdict's mode is its plugin's ``PluginSettings.mode_of(rule)`` (the
   rule's ``rule_modes`` entry, else the plugin's ``mode``). This is the one
@@ -219,7 +220,7 @@ class StageRunner:
         )
         if not enforced:
             return False
-        if result.action is Action.TAG:
+        if result.action in (Action.TAG, Action.QUARANTINE):
             card.score += result.score
             card.headers.extend(result.headers)
             card.strip.extend(result.strip)

@@ -30,6 +30,7 @@ class Action(enum.Enum):
     REJECT = "reject"  # 5xx; ends the stage
     TEMPFAIL = "tempfail"  # 4xx; ends the stage
     TAG = "tag"  # adds score and headers; the stage goes on
+    QUARANTINE = "quarantine"  # holds the message in the spool (250); the stage goes on
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ class Verdict:
     """One plugin's decision at one stage.
 
     Build verdicts with the class methods :meth:`accept`, :meth:`reject`,
-    :meth:`tempfail` and :meth:`tag` rather than the constructor. Whichever
+    :meth:`tempfail`, :meth:`tag` and :meth:`quarantine` rather than the constructor. Whichever
     way it is built, a verdict's code must agree with its action (reject
     5xx, tempfail 4xx, accept and tag no reply of their own) and its score
     must be a finite number: anything else raises :class:`VerdictError` (a
@@ -134,8 +135,18 @@ class Verdict:
             strip=tuple(strip),
         )
 
+    @classmethod
+    def quarantine(cls, rule: str, reason: str, *, score: float = 0.0) -> Verdict:
+        """Hold the message in the spool instead of relaying it; the client gets ``250``.
+
+        The stage goes on (a later reject still refuses the message); at end of
+        DATA the message is kept, held, with ``reason`` and ``rule``, until an
+        operator runs ``mailgate queue release`` or ``delete``.
+        """
+        return cls(Action.QUARANTINE, rule, reason, score=score)
+
     def reply(self) -> Reply | None:
-        """The SMTP reply this verdict gives, or None for accept and tag."""
+        """The SMTP reply this verdict gives, or None for accept, tag and quarantine."""
         if self.action in (Action.REJECT, Action.TEMPFAIL):
             return Reply(self.code, self.text, self.status)
         return None
@@ -144,8 +155,8 @@ class Verdict:
 def contradiction(verdict: Verdict) -> str | None:
     """What makes ``verdict`` unusable, or None when its parts agree.
 
-    A reject needs a 5xx code, a tempfail a 4xx code; an accept or a tag gives
-    no reply of its own, so it carries no code, status or text; the score is a
+    A reject needs a 5xx code, a tempfail a 4xx code; an accept, a tag or a
+    quarantine gives no reply of its own, so it carries no code, status or text; the score is a
     finite number (NaN would compare false with every threshold, and
     infinity would decide alone). Checked when a verdict is built and again
     where the stage runner applies it.
@@ -161,7 +172,9 @@ def contradiction(verdict: Verdict) -> str | None:
         return f"a reject needs a 5xx code, not {code}"
     if action is Action.TEMPFAIL and not 400 <= code <= 499:
         return f"a tempfail needs a 4xx code, not {code}"
-    if action in (Action.ACCEPT, Action.TAG) and (code or verdict.status or verdict.text):
+    if action in (Action.ACCEPT, Action.TAG, Action.QUARANTINE) and (
+        code or verdict.status or verdict.text
+    ):
         what = f"{code} {verdict.status} {verdict.text}".strip()
         return f"{action.value} gives no reply of its own, yet carries {what!r}"
     status = verdict.status

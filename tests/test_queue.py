@@ -148,8 +148,9 @@ def _dsn_parts(data: bytes) -> tuple[Any, str, str]:
 
 
 def test_refused_recipient_bounces_with_a_dsn(make_gateway, upstream, queue_policy, spool):
+    # Spool first (no lockstep), and a trusted client, whose senders may get DSNs.
     upstream.behaviour.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
-    gw = make_gateway(**queue_policy())
+    gw = make_gateway(**queue_policy(handoff_timeout=0), trusted_networks=["127.0.0.0/8"])
     with gw.client() as client:
         client.sendmail("alice@example.net", ["bob@example.com", "nobody@example.com"], MESSAGE)
     assert wait_until(lambda: len(upstream.messages) == 2)
@@ -170,7 +171,7 @@ def test_refused_recipient_bounces_with_a_dsn(make_gateway, upstream, queue_poli
 
 def test_null_sender_never_gets_a_dsn(make_gateway, upstream, queue_policy, spool):
     upstream.behaviour.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
-    gw = make_gateway(**queue_policy())
+    gw = make_gateway(**queue_policy(handoff_timeout=0), trusted_networks=["127.0.0.0/8"])
     with gw.client() as client:
         client.sendmail("", ["nobody@example.com"], MESSAGE)
     assert wait_until(lambda: queued_ids(spool) == [])
@@ -208,7 +209,9 @@ def test_expiry_sends_a_dsn_and_drops_the_message(
 ):
     upstream.behaviour.mail_reply = "451 4.3.0 Try later"
     gw = make_gateway(
-        **queue_policy(lifetime="2s"), routes={"example.com": upstream.url, "*": second.url}
+        **queue_policy(lifetime="2s"),
+        routes={"example.com": upstream.url, "*": second.url},
+        trusted_networks=["127.0.0.0/8"],  # a trusted client's sender may get a DSN
     )
     with gw.client() as client:
         client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
@@ -285,7 +288,7 @@ def test_the_original_client_is_announced_at_delivery(
 
 
 def test_spool_write_failure_gives_4xx(make_gateway, upstream, queue_policy, spool):
-    gw = make_gateway(**queue_policy())
+    gw = make_gateway(**queue_policy(handoff_timeout=0))
     # Tests run as root, which ignores modes: put a file where the queue folder was.
     os.rename(spool / "queue", spool / "queue.away")
     (spool / "queue").write_text("not a folder")
@@ -391,7 +394,13 @@ def test_kill_9_loses_nothing_accepted(upstream, tmp_path, spool):
                 "upstream": upstream.url,
                 "domains": ["example.com"],
                 "delivery": "queue",
-                "queue": {"directory": str(spool), "retry_min": "1s", "scan_interval": "1s"},
+                # Spool first, so that deliveries from the queue are in flight at the kill.
+                "queue": {
+                    "directory": str(spool),
+                    "retry_min": "1s",
+                    "scan_interval": "1s",
+                    "handoff_timeout": 0,
+                },
             }
         )
     )

@@ -1,9 +1,13 @@
-"""Queue mode (``delivery: queue``): a durable spool, delivery by route, retries and DSNs.
+"""Queue mode (``delivery: queue``) and quarantine: lockstep handoff, a durable spool, delivery.
 
-- ``spool``: the on-disk format (fsync of file and folder before 250, locks);
+- ``handoff``: ``QueueTransaction``, the session's side: lockstep with the upstream
+  while it answers, the spool otherwise; the refusal cache; the DSN rule;
+- ``spool``: the on-disk format (fsync of file and folder before 250, locks,
+  length and digest checks, ``corrupt/``);
 - ``delivery``: ``QueueUpstream``, the session's upstream, and its delivery tasks;
+- ``quarantine``: which verdicts hold a message;
 - ``dsn``: RFC 3464 delivery status notifications;
-- ``admin``: ``mailgate queue list | flush | delete ID``.
+- ``admin``: ``mailgate queue list | show | hold | release | delete | flush``.
 """
 
 from mailgate.queue.delivery import QueueUpstream, route_key

@@ -1,0 +1,257 @@
+"""Queue mode's session side: lockstep with the upstream while it answers, the spool otherwise.
+
+``QueueTransaction`` is what the session drives in ``delivery: queue``. While
+the upstream of the default route (``upstream``) answers within
+``queue.handoff_timeout``, MAIL, each RCPT and the message are handed over in
+lockstep, as in in-line mode, and the client hears the upstream's replies:
+
+============================  ===================================================
+the upstream ...              the client gets
+============================  ===================================================
+accepts (2xx)                 its reply (the message is upstream, nothing spooled)
+refuses for good (5xx)        its reply at that stage: MAIL, that RCPT, or DATA;
+                              nothing is spooled, so there is never a DSN for it
+answers 4xx, is down, or      ``250`` once the message is fsynced in the spool;
+slower than the budget        the queue delivers it later with retries
+============================  ===================================================
+
+A recipient the upstream refused with a 5xx is remembered for
+``queue.refusal_cache`` (as Postfix's verify(8) does): while the upstream is
+down, that recipient is refused at RCPT with the same reply instead of being
+spooled. A recipient never seen before is spooled during an outage; if the
+upstream refuses it later, a DSN goes out only under the rules of
+:func:`sender_verified` (see ``docs/delivery.md``).
+
+While every server of ``upstream`` is marked down (``down_for``, after a
+failed connection) MAIL skips the lockstep and the message is spooled at
+once. Recipients routed elsewhere by ``routes`` are spooled without lockstep.
+``handoff_timeout: 0`` turns the lockstep off (spool first, as before 0.x).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING
+
+from mailgate.relay import SmtpTransaction, SmtpUpstream, UpstreamTransaction
+from mailgate.verdict import Reply
+from mailgate.xclient import ClientIdentity
+
+if TYPE_CHECKING:
+    from mailgate.context import Envelope, Session
+    from mailgate.queue.delivery import QueueUpstream
+
+log = logging.getLogger("mailgate.queue")
+
+SPOOL_FAILED = Reply(451, "Could not write the message to the queue, try again later", "4.3.0")
+HANDOFF_SLOW = Reply(451, "Upstream slower than the handoff budget", "4.4.2")
+_MAIL_OK = Reply(250, "Ok", "2.1.0")
+_RCPT_OK = Reply(250, "Ok", "2.1.5")
+_CACHE_SIZE = 10_000
+
+
+def sender_verified(session: Session, envelope: Envelope) -> bool:
+    """True if a DSN to this sender is not backscatter.
+
+    That is: the client is in ``trusted_networks`` (our own users), or SPF
+    passed for the MAIL FROM domain, or a DKIM signature of the sender's
+    domain (or a parent of it) verified.
+    """
+    if session.trusted:
+        return True
+    domain = envelope.sender_domain
+    if not domain:
+        return False
+    spf = envelope.results.get("spf")
+    spf_domain = str(getattr(spf, "domain", "")).lower().rstrip(".")
+    spf_mailfrom = getattr(spf, "identity", "") == "mailfrom"
+    if getattr(spf, "result", "") == "pass" and spf_mailfrom and spf_domain == domain:
+        return True
+    for sig in envelope.results.get("dkim") or ():
+        d = str(getattr(sig, "domain", "")).lower().rstrip(".")
+        if getattr(sig, "result", "") == "pass" and d and (domain == d or domain.endswith("." + d)):
+            return True
+    return False
+
+
+class RefusalCache:
+    """Recipients the upstream refused permanently, remembered for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, size: int = _CACHE_SIZE) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: OrderedDict[str, tuple[Reply, float]] = OrderedDict()
+
+    def remember(self, recipient: str, reply: Reply) -> None:
+        """Record a permanent refusal of ``recipient``."""
+        if self.ttl <= 0:
+            return
+        key = recipient.lower()
+        self._entries.pop(key, None)
+        self._entries[key] = (reply, time.monotonic() + self.ttl)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, recipient: str) -> None:
+        """The upstream accepted ``recipient``: drop any refusal."""
+        self._entries.pop(recipient.lower(), None)
+
+    def get(self, recipient: str) -> Reply | None:
+        """The remembered refusal of ``recipient``, if still fresh."""
+        found = self._entries.get(recipient.lower())
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            del self._entries[recipient.lower()]
+            return None
+        return found[0]
+
+
+def route_key(routes: Mapping[str, object], recipient: str) -> str:
+    """The ``routes`` key for ``recipient``: domain, ``.parent``, ``*``; ``""`` = ``upstream``."""
+    domain = recipient.rpartition("@")[2].lower().rstrip(".")
+    if domain in routes:
+        return domain
+    labels = domain.split(".")
+    for i in range(1, len(labels)):
+        parent = "." + ".".join(labels[i:])
+        if parent in routes:
+            return parent
+    return "*" if "*" in routes else ""
+
+
+def _dead(txn: UpstreamTransaction) -> bool:
+    """True when the relay has dropped the transaction's connection (error or timeout)."""
+    return isinstance(txn, SmtpTransaction) and txn.conn is None
+
+
+class QueueTransaction:
+    """One client transaction in queue mode: lockstep while possible, else the spool."""
+
+    def __init__(self, queue: QueueUpstream, identity: ClientIdentity | None) -> None:
+        self.queue = queue
+        self.identity = identity
+        self.sender = ""
+        self.options: list[str] = []
+        self.live: UpstreamTransaction | None = None
+        """The lockstep transaction with the default route, while it lasts."""
+        self.live_rcpts: list[str] = []
+        """Recipients the upstream accepted in lockstep."""
+        self.spool_rcpts: list[str] = []
+        """Recipients accepted for the spool (outage, 4xx, or another route)."""
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+
+    def bind(self, session: Session, envelope: Envelope) -> None:
+        """Know the session and envelope (for the DSN rule and the spooled verdicts)."""
+        self.session, self.envelope = session, envelope
+
+    async def _step(self, txn: UpstreamTransaction, step: Awaitable[Reply]) -> Reply:
+        try:
+            async with asyncio.timeout(self.queue.config.handoff_timeout):
+                return await step
+        except TimeoutError:
+            txn.abort()
+            return HANDOFF_SLOW
+
+    def _lockstep_route(self) -> bool:
+        return self.queue.config.handoff_timeout > 0 and "*" not in self.queue.policy.routes
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        """MAIL in lockstep: a 5xx is the client's; 4xx, down or slow mean the spool."""
+        self.sender, self.options = sender, list(options)
+        if not self._lockstep_route():
+            return _MAIL_OK
+        upstream = self.queue.route("")
+        if isinstance(upstream, SmtpUpstream) and not any(upstream.health().values()):
+            # Every server is marked down (for ``down_for``): spool at once rather than make
+            # each client wait out the budget; the queue's retries find it up again.
+            return _MAIL_OK
+        txn = upstream.begin(self.identity)
+        reply = await self._step(txn, txn.mail(sender, options))
+        if reply.positive:
+            self.live = txn
+            return reply
+        if reply.code >= 500:
+            return reply
+        log.info("handoff: MAIL got %s; spooling this transaction", reply)
+        return _MAIL_OK
+
+    async def rcpt(self, recipient: str) -> Reply:
+        """RCPT in lockstep; a recipient refused for good is remembered and never spooled."""
+        refusals = self.queue.refusals
+        live = self.live
+        if live is not None and route_key(self.queue.policy.routes, recipient) == "":
+            reply = await self._step(live, live.rcpt(recipient))
+            if reply.positive:
+                refusals.forget(recipient)
+                self.live_rcpts.append(recipient)
+                return reply
+            if reply.code >= 500:
+                refusals.remember(recipient, reply)
+                return reply
+            if _dead(live):
+                log.info("handoff: RCPT got %s; spooling this transaction", reply)
+                self.live = None
+                self.spool_rcpts[:0] = self.live_rcpts
+                self.live_rcpts = []
+            self.spool_rcpts.append(recipient)
+            return _RCPT_OK
+        if (cached := refusals.get(recipient)) is not None:
+            return cached
+        self.spool_rcpts.append(recipient)
+        return _RCPT_OK
+
+    async def data(self, message: bytes) -> Reply:
+        """Hand the message over in lockstep; spool what the upstream could not take now."""
+        live, self.live = self.live, None
+        if live is not None and self.live_rcpts:
+            reply = await self._step(live, live.data(message))
+            if reply.code >= 500:
+                return reply
+            if reply.positive:
+                if not self.spool_rcpts:
+                    return reply
+                return await self._spool(self.spool_rcpts, message, handed=True)
+            log.info("handoff: DATA got %s; spooling the message", reply)
+            return await self._spool(self.live_rcpts + self.spool_rcpts, message)
+        if live is not None:
+            await live.reset()
+        return await self._spool(self.spool_rcpts, message)
+
+    async def _spool(self, recipients: list[str], message: bytes, handed: bool = False) -> Reply:
+        session, env = self.session, self.envelope
+        try:
+            queue_id = await self.queue.enqueue(
+                self.sender,
+                recipients,
+                message,
+                options=self.options,
+                identity=self.identity,
+                verified=bool(session and env and sender_verified(session, env)),
+                verdicts=[r.label() for r in env.card.verdicts] if env else [],
+            )
+        except OSError as exc:
+            log.error("spool write failed: %s", exc)
+            return SPOOL_FAILED
+        if handed:
+            return Reply(250, f"Ok: delivered, the rest queued as {queue_id}", "2.0.0")
+        return Reply(250, f"Ok: queued as {queue_id}", "2.0.0")
+
+    async def reset(self) -> None:
+        """Forget the envelope; RSET the lockstep transaction."""
+        live, self.live = self.live, None
+        self.live_rcpts, self.spool_rcpts = [], []
+        if live is not None:
+            await live.reset()
+
+    def abort(self) -> None:
+        """Forget the envelope; drop the lockstep connection."""
+        live, self.live = self.live, None
+        self.live_rcpts, self.spool_rcpts = [], []
+        if live is not None:
+            live.abort()
