@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailgate.plugins.arc import Arc
+from mailgate.plugins.clamav import Clamav
 from mailgate.plugins.dkim import Dkim
 from mailgate.plugins.dmarc import Dmarc
 from mailgate.plugins.dnsbl import Dnsbl
@@ -18,6 +19,8 @@ from mailgate.plugins.greylist import Greylist
 from mailgate.plugins.headers import Headers
 from mailgate.plugins.helo import Helo
 from mailgate.plugins.ratelimit import RateLimit
+from mailgate.plugins.rspamd import Rspamd
+from mailgate.plugins.spamassassin import SpamAssassin
 from mailgate.plugins.spf import Spf
 
 BUILTIN_PLUGINS: tuple[type[Any], ...] = (
@@ -30,6 +33,9 @@ BUILTIN_PLUGINS: tuple[type[Any], ...] = (
     Dkim,
     Arc,
     Dmarc,
+    Rspamd,
+    SpamAssassin,
+    Clamav,
 )
 
 __all__ = ["BUILTIN_PLUGINS"]

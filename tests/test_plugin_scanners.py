@@ -1,0 +1,387 @@
+"""rspamd, spamassassin and clamav: real daemons on loopback, SMTP through the gateway.
+
+The daemons are private instances (``tests/scanners.py``) started once per test
+session. Failures a real daemon will not produce on demand (a server that never
+answers, one that closes mid-reply, one that answers garbage) come from
+:class:`~tests.scanners.FakeScanner`, a loopback socket server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from mailgate.plugins.scanning import Server
+from tests.ops_support import mailgate
+from tests.scanners import EICAR, EICAR_SIGNATURE, GTUBE
+from tests.support import MESSAGE
+
+GTUBE_MESSAGE = MESSAGE.replace(b"Hello Bob.", b"Hello Bob.\r\n" + GTUBE.encode())
+EICAR_MESSAGE = (
+    b"From: Alice <alice@example.net>\r\nTo: Bob <bob@example.com>\r\nSubject: invoice\r\n"
+    b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\nMessage-ID: <2@example.net>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+    b"--XX\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+    b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+    b'Content-Disposition: attachment; filename="eicar.com"\r\n\r\n'
+    + base64.encodebytes(EICAR.encode()).replace(b"\n", b"\r\n")
+    + b"--XX--\r\n"
+)
+DEAD = "127.0.0.1:9"  # discard: nothing listens there on these machines
+
+
+def scanner_policy(name: str, **config: Any) -> dict[str, Any]:
+    config.setdefault("timeout", "5s")
+    return {"plugins": {name: config}}
+
+
+def send(
+    gw: Any, message: bytes = MESSAGE, rcpts: Sequence[str] = ("bob@example.com",)
+) -> tuple[int, bytes]:
+    with gw.client() as client:
+        assert client.mail("alice@example.net")[0] == 250
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        return client.data(message)
+
+
+def headers_of(data: bytes) -> dict[str, str]:
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    out: dict[str, str] = {}
+    for line in head.replace("\r\n\t", " ").replace("\r\n ", " ").split("\r\n"):
+        name, _, value = line.partition(":")
+        out.setdefault(name, value.strip())
+    return out
+
+
+def http_json(answer: dict[str, Any]) -> bytes:
+    body = json.dumps(answer).encode()
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+
+# ------------------------------------------------------------------ shared parts
+
+
+def test_scanner_server_addresses_parse_or_say_what_is_wrong():
+    assert Server.parse("127.0.0.1:11333") == Server("127.0.0.1", 11333)
+    assert str(Server.parse("[::1]:3310")) == "[::1]:3310"
+    assert Server.parse("unix:/run/clamd.ctl").path == "/run/clamd.ctl"
+    for bad in ("localhost", "unix:relative", "host:0", "[zz]:1"):
+        with pytest.raises(ValueError):
+            Server.parse(bad)
+
+
+def test_rspamd_spamassassin_clamav_bad_config_is_an_error_naming_the_key(make_gateway):
+    from mailgate.yamlsource import SourceError
+
+    with pytest.raises(SourceError, match=r"plugins\.rspamd.*unknown outcome bogus"):
+        make_gateway(**scanner_policy("rspamd", servers=["127.0.0.1:1"], actions={"bogus": "tag"}))
+    with pytest.raises(SourceError, match=r"plugins\.clamav\.servers"):
+        make_gateway(**scanner_policy("clamav", servers=["nowhere"]))
+    with pytest.raises(SourceError, match=r"plugins\.spamassassin\.on_error"):
+        make_gateway(**scanner_policy("spamassassin", servers=[DEAD], on_error="ignore"))
+
+
+# ------------------------------------------------------------------ rspamd
+
+
+def test_rspamd_gtube_is_refused_with_its_smtp_message_and_never_reaches_upstream(
+    make_gateway, rspamd, upstream, decisions
+):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address]))
+    assert send(gw, GTUBE_MESSAGE) == (550, b"5.7.1 Gtube pattern")
+    assert upstream.messages == []
+    line = decisions()[-1]
+    assert "verdicts=rspamd.reject:reject" in line
+    assert 'rspamd="reject 15/15 GTUBE' in line
+
+
+def test_rspamd_clean_message_arrives_with_summary_headers_for_several_recipients(
+    make_gateway, rspamd, upstream, decisions
+):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address]))
+    rcpts = ("bob@example.com", "carol@example.com")
+    assert send(gw, rcpts=rcpts)[0] == 250
+    received = upstream.messages[-1]
+    assert received.recipients == list(rcpts)
+    headers = headers_of(received.data)
+    assert headers["X-Spam-Action"] == "no action"
+    assert headers["X-Spam-Score"].endswith("/ 15.00")
+    assert "X-Spam" not in headers
+    assert received.data.endswith(MESSAGE)  # the message itself is untouched
+    assert "verdicts=rspamd.clean:tag" in decisions()[-1]
+
+
+@pytest.mark.parametrize(
+    ("settings_id", "expected"),
+    [
+        ("mg_greylist", (451, b"4.7.1 Greylisted, try again later")),
+        ("mg_add_header", (250, None)),
+        ("mg_rewrite_subject", (250, None)),
+        ("mg_reject", (550, b"5.7.1 Spam message rejected")),
+    ],
+)
+def test_rspamd_each_action_maps_to_its_verdict(
+    make_gateway, rspamd, upstream, settings_id, expected
+):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address], settings_id=settings_id))
+    code, text = send(gw)
+    assert code == expected[0]
+    if expected[1] is not None:
+        assert text == expected[1]
+        assert upstream.messages == []
+        return
+    headers = headers_of(upstream.messages[-1].data)
+    assert headers["X-Spam"] == "Yes"
+    if settings_id == "mg_rewrite_subject":
+        assert headers["Subject"] == "*** SPAM *** hello"
+        assert upstream.messages[-1].data.count(b"\r\nSubject:") == 1
+    else:
+        assert headers["X-Spam-Action"] == "add header"
+
+
+def test_rspamd_soft_reject_tempfails_with_rspamd_message(make_gateway, rspamd, upstream):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address]))
+    message = MESSAGE.replace(b"Subject: hello", b"Subject: hello\r\nX-Test-Soft-Reject: 1")
+    assert send(gw, message) == (451, b"4.7.1 Test soft reject, try later")
+    assert upstream.messages == []
+
+
+def test_rspamd_actions_remap_reject_to_tag_and_add_score(
+    make_gateway, rspamd, upstream, decisions
+):
+    gw = make_gateway(
+        **scanner_policy(
+            "rspamd", servers=[rspamd.address], actions={"reject": "tag"}, add_score=True
+        ),
+        scoring={"reject": 100},
+    )
+    assert send(gw, GTUBE_MESSAGE)[0] == 250
+    headers = headers_of(upstream.messages[-1].data)
+    assert headers["X-Spam"] == "Yes" and headers["X-Spam-Symbols"].startswith("GTUBE")
+    assert "score=15 " in decisions()[-1]
+
+
+def test_rspamd_monitor_mode_logs_the_reject_and_delivers(
+    make_gateway, rspamd, upstream, decisions
+):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address], mode="monitor"))
+    assert send(gw, GTUBE_MESSAGE)[0] == 250
+    assert len(upstream.messages) == 1
+    assert "X-Spam-Action" not in headers_of(upstream.messages[-1].data)
+    assert "rspamd.reject:reject(monitor)" in decisions()[-1]
+
+
+def test_rspamd_message_over_max_size_is_not_scanned(make_gateway, rspamd, upstream, decisions):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address], max_size=100))
+    assert send(gw, GTUBE_MESSAGE)[0] == 250
+    assert "rspamd.too_big:tag" in decisions()[-1]
+
+
+def test_rspamd_sends_envelope_facts_one_rcpt_header_per_recipient(
+    make_gateway, fake_scanner, upstream
+):
+    fake = fake_scanner(http_json({"action": "no action", "score": 1.5, "required_score": 15,
+                                   "symbols": {"R_X": {"score": 1.5}}}))  # fmt: skip
+    gw = make_gateway(**scanner_policy("rspamd", servers=[fake.address], settings_id="inbound"))
+    assert send(gw, rcpts=("bob@example.com", "carol@example.com"))[0] == 250
+    request = fake.requests[0]
+    head = request.split(b"\r\n\r\n")[0].decode().lower()
+    assert head.startswith("post /checkv2 http/1.1")
+    for expected in ("ip: 127.0.0.1", "helo: client.example.net", "from: <alice@example.net>",
+                     "rcpt: <bob@example.com>", "rcpt: <carol@example.com>",
+                     "settings-id: inbound", "mta-name: mailgate.test", "queue-id: "):  # fmt: skip
+        assert expected in head
+    assert request.endswith(MESSAGE)
+    assert headers_of(upstream.messages[-1].data)["X-Spam-Symbols"] == "R_X"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"action": "rej',  # closed mid-reply
+        http_json({"action": "discard", "score": 1}),  # an action we do not know
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnope",  # not JSON
+        b"",  # closed without a word
+    ],
+    ids=["truncated", "unknown-action", "not-json", "closed"],
+)
+def test_rspamd_bad_answer_is_rspamd_error_and_tempfails(
+    make_gateway, fake_scanner, upstream, decisions, reply
+):
+    fake = fake_scanner(reply)
+    gw = make_gateway(**scanner_policy("rspamd", servers=[fake.address]))
+    assert send(gw) == (451, b"4.7.1 Content scanner unavailable, try again later")
+    assert upstream.messages == []
+    assert "verdicts=rspamd.error:tempfail" in decisions()[-1]
+
+
+def test_rspamd_not_running_tempfails_or_accepts_as_configured(make_gateway, upstream, decisions):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[DEAD]))
+    assert send(gw)[0] == 451
+    assert "verdicts=rspamd.unavailable:tempfail" in decisions()[-1]
+    gw = make_gateway(**scanner_policy("rspamd", servers=[DEAD], on_error="accept"))
+    assert send(gw)[0] == 250
+    assert "verdicts=rspamd.unavailable:tag" in decisions()[-1]
+    assert len(upstream.messages) == 1
+
+
+def test_rspamd_server_that_never_answers_times_out_then_the_next_one_scans(
+    make_gateway, fake_scanner, rspamd, upstream, decisions
+):
+    silent = fake_scanner(mode="silent")
+    gw = make_gateway(
+        **scanner_policy("rspamd", servers=[silent.address, rspamd.address], timeout="3s")
+    )
+    assert send(gw, GTUBE_MESSAGE)[0] == 550  # the second server's verdict
+    gw = make_gateway(**scanner_policy("rspamd", servers=[silent.address], timeout="1s"))
+    code, text = send(gw)
+    assert code == 451 and b"4.7.1" in text
+    assert "verdicts=rspamd.unavailable:tempfail" in decisions()[-1]
+
+
+def test_rspamd_trusted_client_is_exempt(make_gateway, rspamd, upstream, decisions):
+    gw = make_gateway(
+        **scanner_policy("rspamd", servers=[rspamd.address]), trusted_networks=["127.0.0.0/8"]
+    )
+    assert send(gw, GTUBE_MESSAGE)[0] == 250
+    assert "rspamd.exempt:tag" in decisions()[-1]
+
+
+# ------------------------------------------------------------------ spamassassin
+
+
+def test_spamassassin_gtube_over_reject_score_is_refused(make_gateway, spamd, upstream, decisions):
+    gw = make_gateway(**scanner_policy("spamassassin", servers=[spamd.address]))
+    assert send(gw, GTUBE_MESSAGE) == (550, b"5.7.1 Spam message rejected")
+    assert upstream.messages == []
+    line = decisions()[-1]
+    assert "verdicts=spamassassin.reject:reject" in line
+    assert 'spamassassin="True 1000' in line and "GTUBE" in line
+
+
+def test_spamassassin_spam_below_reject_score_is_tagged_with_status_and_report(
+    make_gateway, spamd, upstream
+):
+    gw = make_gateway(
+        **scanner_policy(
+            "spamassassin", servers=[spamd.address], reject_score=None, report_header=True
+        )
+    )
+    assert send(gw, GTUBE_MESSAGE)[0] == 250
+    headers = headers_of(upstream.messages[-1].data)
+    assert headers["X-Spam-Flag"] == "YES"
+    assert headers["X-Spam-Status"].startswith("Yes, score=1000")
+    assert "GTUBE" in headers["X-Spam-Status"] and "GTUBE" in headers["X-Spam-Report"]
+
+
+def test_spamassassin_clean_message_passes_with_headers_forged_ones_removed(
+    make_gateway, spamd, upstream
+):
+    gw = make_gateway(**scanner_policy("spamassassin", servers=[spamd.address]))
+    forged = MESSAGE.replace(b"Subject: hello", b"Subject: hello\r\nX-Spam-Flag: NO")
+    assert send(gw, forged)[0] == 250
+    data = upstream.messages[-1].data
+    assert data.count(b"X-Spam-Flag:") == 1
+    headers = headers_of(data)
+    assert headers["X-Spam-Status"].startswith("No, score=")
+    assert data.endswith(MESSAGE.split(b"\r\n\r\n", 1)[1])
+
+
+def test_spamassassin_closed_mid_reply_or_down_is_an_error_not_a_traceback(
+    make_gateway, fake_scanner, upstream, decisions
+):
+    cut = fake_scanner(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 20\r\nSpam: Tru")
+    gw = make_gateway(**scanner_policy("spamassassin", servers=[cut.address]))
+    assert send(gw)[0] == 451
+    assert "verdicts=spamassassin.error:tempfail" in decisions()[-1]
+    gw = make_gateway(**scanner_policy("spamassassin", servers=[DEAD], on_error="accept"))
+    assert send(gw)[0] == 250
+    assert "verdicts=spamassassin.unavailable:tag" in decisions()[-1]
+
+
+# ------------------------------------------------------------------ clamav
+
+
+def test_clamav_eicar_is_refused_naming_the_signature(make_gateway, clamd, upstream, decisions):
+    gw = make_gateway(**scanner_policy("clamav", servers=[clamd.address]))
+    code, text = send(gw, EICAR_MESSAGE)
+    assert (code, text) == (554, f"5.7.1 Virus found: {EICAR_SIGNATURE}.UNOFFICIAL".encode())
+    assert upstream.messages == []
+    assert f'clamav="{EICAR_SIGNATURE}.UNOFFICIAL FOUND' in decisions()[-1]
+
+
+def test_clamav_clean_message_over_a_unix_socket_gets_x_virus_scanned(
+    make_gateway, clamd, upstream
+):
+    gw = make_gateway(**scanner_policy("clamav", servers=[f"unix:{clamd.socket}"]))
+    assert send(gw)[0] == 250
+    assert headers_of(upstream.messages[-1].data)["X-Virus-Scanned"] == "clamav (mailgate)"
+
+
+def test_clamav_found_as_tag_delivers_with_the_signature_and_score(
+    make_gateway, clamd, upstream, decisions
+):
+    gw = make_gateway(
+        **scanner_policy("clamav", servers=[clamd.address], actions={"found": "tag"}, score=3)
+    )
+    assert send(gw, EICAR_MESSAGE)[0] == 250
+    assert headers_of(upstream.messages[-1].data)["X-Virus-Found"].startswith(EICAR_SIGNATURE)
+    assert "clamav.found:tag" in decisions()[-1] and "score=3 " in decisions()[-1]
+
+
+def test_clamav_error_answer_and_dead_first_server_fail_over(
+    make_gateway, clamd, fake_scanner, upstream, decisions
+):
+    erring = fake_scanner(b"stream: Can't allocate memory ERROR\0", request_end=b"\0\0\0\0")
+    gw = make_gateway(**scanner_policy("clamav", servers=[erring.address]))
+    assert send(gw)[0] == 451
+    assert "verdicts=clamav.error:tempfail" in decisions()[-1]
+    gw = make_gateway(**scanner_policy("clamav", servers=[DEAD, clamd.address]))
+    assert send(gw, EICAR_MESSAGE)[0] == 554
+
+
+def test_clamav_recipients_listed_as_exempt_are_not_scanned(
+    make_gateway, clamd, upstream, decisions
+):
+    gw = make_gateway(
+        **scanner_policy("clamav", servers=[clamd.address], exempt_recipients=["example.com"])
+    )
+    assert send(gw, EICAR_MESSAGE)[0] == 250
+    assert "clamav.exempt:tag" in decisions()[-1]
+
+
+# ------------------------------------------------------------------ mailgate test
+
+
+def test_mailgate_test_shows_the_rspamd_and_clamav_answers_in_its_trace(tmp_path, rspamd, clamd):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        json.dumps({
+            "hostname": "mailgate.test",
+            "domains": ["example.com"],
+            "plugins": {
+                "rspamd": {"servers": [rspamd.address], "timeout": "5s"},
+                "clamav": {"servers": [clamd.address], "timeout": "5s"},
+            },
+        })
+    )  # fmt: skip
+    eml = tmp_path / "gtube.eml"
+    eml.write_bytes(GTUBE_MESSAGE)
+    result = mailgate("test", "-c", str(policy), str(eml), "--client-ip", "127.0.0.1")
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "rspamd  rspamd.reject  reject" in result.stdout
+    assert "rspamd: reject 15/15 GTUBE" in result.stdout
+    assert "rspamd=" in result.stdout  # the decision line's entry
+    eml.write_bytes(MESSAGE)
+    result = mailgate("test", "-c", str(policy), str(eml), "--client-ip", "127.0.0.1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "clamav  clamav.clean  tag" in result.stdout
+    assert "X-Virus-Scanned: clamav (mailgate)" in result.stdout
