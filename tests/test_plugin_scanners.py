@@ -385,3 +385,26 @@ def test_mailgate_test_shows_the_rspamd_and_clamav_answers_in_its_trace(tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert "clamav  clamav.clean  tag" in result.stdout
     assert "X-Virus-Scanned: clamav (mailgate)" in result.stdout
+
+
+# ------------------------------------------------------------------ policy test cases
+
+
+def test_content_example_cases_run_rspamd_spamassassin_clamav_on_declared_answers():
+    result = mailgate("test", "--cases", "policies/examples/content.cases.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10 cases in 1 files: 10 passed, 0 failed" in result.stdout
+
+
+def test_cases_with_an_unknown_rspamd_answer_key_are_refused_with_its_position(tmp_path):
+    cases = tmp_path / "p.cases.yaml"
+    cases.write_text(
+        "cases:\n  - name: x\n    from: a@example.net\n    to: b@example.com\n"
+        "    scanners:\n      rspamd: {acton: reject}\n    expect: {outcome: reject}\n"
+    )
+    policy = tmp_path / "p.yaml"
+    policy.write_text("hostname: t\ndomains: [example.com]\nplugins: {rspamd: {servers: [DEAD]}}\n"
+                      .replace("DEAD", DEAD))  # fmt: skip
+    result = mailgate("test", "--cases", str(cases))
+    assert result.returncode == 2
+    assert f"{cases}:5:" in result.stderr and "rspamd: unknown key acton" in result.stderr
