@@ -2,7 +2,7 @@
 
 Hook: ``on_data``. The raw message is streamed to clamd over TCP or a unix
 socket (``zINSTREAM``, 64 KiB chunks, then a zero-length chunk) and clamd's
-one-line answer is read (at most 4 KiB, up to its NUL):
+one-line answer is read (at most 4 KiB, up to its NUL). Rule ids:
 
 =====================  ========  =================================================
 rule id                default   clamd said

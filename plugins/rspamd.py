@@ -8,8 +8,8 @@ sender, ``<>`` for the null sender), one ``Rcpt`` per recipient,
 ``settings_id`` is set). HTTP/1.1 connections are kept and reused (aiohttp,
 one pool per server).
 
-rspamd's ``action`` becomes an outcome (rule id ``rspamd.<outcome>``) whose
-action the policy may re-map under ``actions:``:
+Rule ids: rspamd's ``action`` becomes an outcome (rule id ``rspamd.<outcome>``)
+whose action the policy may re-map under ``actions:``:
 
 ====================  ==========================  ========  =====================================
 rspamd action         rule id                     default   reply / effect

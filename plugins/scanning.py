@@ -45,7 +45,16 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, field_validator
 
-from mailgate import Envelope, HeaderStrip, NetworkField, PluginConfig, Session, Size, Verdict
+from mailgate import (
+    Duration,
+    Envelope,
+    HeaderStrip,
+    NetworkField,
+    PluginConfig,
+    Session,
+    Size,
+    Verdict,
+)
 
 log = logging.getLogger("mailgate.plugins")
 
@@ -123,8 +132,8 @@ class ScannerConfig(PluginConfig):
     servers: list[str] = Field(min_length=1)
     max_size: Size = 20 * 1024**2
     on_error: OnError = "tempfail"
-    retry_after: float = Field(default=10.0, ge=0)
-    """Seconds a failed server is skipped before it is tried again."""
+    retry_after: Duration = 10.0
+    """How long a failed server is skipped before it is tried again."""
     exempt_trusted: bool = True
     exempt_authenticated: bool = True
     exempt_networks: list[NetworkField] = Field(default_factory=list)

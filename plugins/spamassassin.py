@@ -6,7 +6,7 @@ is set (spamd's per-user preferences). spamd answers ``Spam: True|False ;
 <score> / <threshold>`` and the rule names that hit (or the report text, whose
 rule names are read from its table).
 
-Outcomes (rule id ``spamassassin.<outcome>``), each re-mappable under ``actions:``:
+Rule ids (``spamassassin.<outcome>``), each outcome re-mappable under ``actions:``:
 
 =======================  ========  ================================================
 rule id                  default   when
