@@ -76,6 +76,7 @@ from mailgate.plugins.scanning import (
     Server,
     authenticated_user,
     check_actions,
+    folded,
     one_line,
 )
 
@@ -273,14 +274,14 @@ class Rspamd:
         strip: list[HeaderStrip] = [HeaderStrip(name) for name in SUMMARY_HEADERS]
         if self.config.milter_headers:
             milter_added, removed = _milter_headers(answer)
-            added.update({one_line(k, 76): one_line(v, 900) for k, v in milter_added.items()})
+            added.update({one_line(k, 76): folded(v) for k, v in milter_added.items()})
             strip += [HeaderStrip(name) for name in removed]
         if action != "no action":
             added["X-Spam"] = "Yes"
         added["X-Spam-Action"] = action
         added["X-Spam-Score"] = f"{score:.2f} / {required:.2f}"
         if self.config.symbols_header and names:
-            added["X-Spam-Symbols"] = ", ".join(names)
+            added["X-Spam-Symbols"] = folded(", ".join(names))
         subject = answer.get("subject")
         if action == "rewrite subject" and self.config.rewrite_subject and isinstance(subject, str):
             strip.append(HeaderStrip("Subject"))

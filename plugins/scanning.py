@@ -161,6 +161,25 @@ def one_line(text: str, limit: int = 200) -> str:
     return _UNSAFE.sub(" ", text).strip()[:limit]
 
 
+def folded(text: str, width: int = 76) -> str:
+    """``text`` as a header value: control characters out, folded at spaces near ``width``.
+
+    The core keeps CRLF-tab folds, so a long symbol list stays within the
+    998-octet line limit of RFC 5322.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in one_line(text, 20_000).split():
+        word = word[:900]
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    return "\r\n\t".join(lines)
+
+
 def authenticated_user(session: Session) -> str | None:
     """The session's authenticated user, when the core records one (SMTP AUTH, XCLIENT LOGIN)."""
     user = getattr(session, "auth_user", None)

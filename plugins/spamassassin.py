@@ -59,6 +59,7 @@ from mailgate.plugins.scanning import (
     ScanUnavailable,
     Server,
     check_actions,
+    folded,
     one_line,
 )
 
@@ -172,9 +173,9 @@ class SpamAssassin:
             "X-Spam-Score": f"{answer.score:.1f} / {answer.threshold:.1f}",
         }
         if self.config.status_header:
-            headers["X-Spam-Status"] = (
+            headers["X-Spam-Status"] = folded(
                 f"{yes}, score={answer.score:.1f} required={answer.threshold:.1f} "
-                f"tests={','.join(rules) or 'none'}"
+                f"tests={','.join(rules) or 'none'}".replace(",", ", ")
             )
         if self.config.report_header and answer.report:
             lines = [one_line(line, 200) for line in answer.report.splitlines() if line.strip()]

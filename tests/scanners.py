@@ -222,22 +222,38 @@ def clamd_setup(root: Path, binary: str = "clamd") -> Setup:
     return Setup("clamd", [binary, "-c", str(conf)], port, ready, log)
 
 
-def _start(setup: Setup) -> Daemon:
-    process = subprocess.Popen(
-        setup.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-    )
-    _wait(setup.ready, process, setup.name, setup.log)
-    return Daemon(setup.name, setup.port, process, setup.log)
+def _start(make: Callable[[], Setup], attempts: int = 3) -> Daemon:
+    """Start the daemon ``make`` sets up; try again on fresh ports if it does not come up.
+
+    A port found free can be taken by another program before the daemon binds
+    it (the machine is shared): that is the failure a retry cures.
+    """
+    for attempt in range(1, attempts + 1):
+        setup = make()
+        output = setup.log.parent / f"{setup.name}.output"
+        with open(output, "ab") as sink:
+            process = subprocess.Popen(
+                setup.argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            _wait(setup.ready, process, setup.name, setup.log)
+        except RuntimeError as exc:
+            if attempt == attempts:
+                said = output.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{exc}\n{setup.name} said:\n{said}") from None
+            continue
+        return Daemon(setup.name, setup.port, process, setup.log)
+    raise AssertionError("unreachable")
 
 
 def start_rspamd(root: Path) -> Daemon:
     """rspamd with one normal worker on a free port; ``root/db`` keeps its compiled tables."""
-    return _start(rspamd_setup(root, _need("rspamd")))
+    binary = _need("rspamd")
+    return _start(lambda: rspamd_setup(root, binary))
 
 
-def start_spamd(root: Path) -> Daemon:
-    """spamd with one child, no network tests, GTUBE built in."""
-    binary = _need("spamd")
+def spamd_setup(root: Path, binary: str = "spamd") -> Setup:
+    """Write a private SpamAssassin site config under ``root``: no network tests, no Bayes."""
     port = free_port()
     site, home = root / "site", root / "home"
     for folder in (site, home):
@@ -248,19 +264,22 @@ def start_spamd(root: Path) -> Daemon:
         "use_bayes 0\nbayes_auto_learn 0\ndns_available no\nskip_rbl_checks 1\n"
         "use_razor2 0\nuse_pyzor 0\nreport_safe 0\nrequired_score 5.0\n"
     )
-    pidfile, log = root / "spamd.pid", root / "spamd.log"
     user = ["-u", "debian-spamd"] if os.geteuid() == 0 else []
     _chown("debian-spamd", home, root)
-    process = subprocess.Popen(
-        [binary, f"--listen=127.0.0.1:{port}", "-C", "/usr/share/spamassassin",
-         f"--siteconfigpath={site}", *user, "-x", "-L", "-H", str(home), "-r", str(pidfile),
-         "-s", str(log), "--min-children=1", "--max-children=1", "--min-spare=1",
-         "--max-spare=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    argv = [binary, f"--listen=127.0.0.1:{port}", "-C", "/usr/share/spamassassin",
+            f"--siteconfigpath={site}", *user, "-x", "-L", "-H", str(home),
+            "-r", str(root / "spamd.pid"), "-s", str(root / "spamd.log"), "--min-children=1",
+            "--max-children=1", "--min-spare=1", "--max-spare=1"]  # fmt: skip
     ping = b"PING SPAMC/1.5\r\n\r\n"
-    _wait(lambda: b"PONG" in _exchange(port, ping, b"PONG"), process, "spamd", log)
-    daemon = Daemon("spamd", port, process, log)
+    ready = lambda: b"PONG" in _exchange(port, ping, b"PONG")  # noqa: E731
+    return Setup("spamd", argv, port, ready, root / "spamd.log")
+
+
+def start_spamd(root: Path) -> Daemon:
+    """spamd with one child, no network tests, GTUBE built in."""
+    binary = _need("spamd")
+    daemon = _start(lambda: spamd_setup(root, binary))
+    pidfile = root / "spamd.pid"
     if pidfile.exists():
         daemon.pid = int(pidfile.read_text().split()[0])
     return daemon
@@ -268,7 +287,8 @@ def start_spamd(root: Path) -> Daemon:
 
 def start_clamd(root: Path) -> Daemon:
     """clamd with one hash signature: the 68-byte EICAR test string as ``Local.EICAR.HDB``."""
-    daemon = _start(clamd_setup(root, _need("clamd")))
+    binary = _need("clamd")
+    daemon = _start(lambda: clamd_setup(root, binary))
     daemon.socket = root / "clamd.sock"  # type: ignore[attr-defined]
     return daemon
 

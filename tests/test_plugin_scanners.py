@@ -203,6 +203,26 @@ def test_rspamd_sends_envelope_facts_one_rcpt_header_per_recipient(
     assert headers_of(upstream.messages[-1].data)["X-Spam-Symbols"] == "R_X"
 
 
+def test_rspamd_long_symbol_lists_and_milter_headers_are_folded_and_sanitised(
+    make_gateway, fake_scanner, upstream
+):
+    symbols = {f"SYMBOL_NUMBER_{n}": {"score": 0.1} for n in range(300)}
+    answer = {"action": "add header", "score": 30, "required_score": 15, "symbols": symbols,
+              "milter": {"add_headers": {"X-Spamd-Result": {"value": "default: " + "A " * 900,
+                                                            "order": 0},
+                                         "X-Evil": "x\r\nBcc: victim@example.org"},
+                         "remove_headers": {"X-Old": 0}}}  # fmt: skip
+    fake = fake_scanner(http_json(answer))
+    gw = make_gateway(**scanner_policy("rspamd", servers=[fake.address]))
+    message = MESSAGE.replace(b"Subject: hello", b"Subject: hello\r\nX-Old: forged")
+    assert send(gw, message)[0] == 250
+    data = upstream.messages[-1].data
+    head = data.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    assert b"\r\nBcc:" not in head and b"X-Old" not in head
+    assert headers_of(data)["X-Spam-Symbols"].count("SYMBOL_NUMBER_") == 300
+
+
 @pytest.mark.parametrize(
     "reply",
     [
