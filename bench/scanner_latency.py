@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'plugin':14} {'scans':>5} {'median ms':>10} {'p90 ms':>8} {'max ms':>8}")
         for plugin in plugins:
             ms = asyncio.run(_measure(plugin, data, args.count, args.seconds))
-            p90 = statistics.quantiles(ms, n=10)[-1] if len(ms) > 1 else ms[0]
+            p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
             print(
                 f"{plugin.name:14} {len(ms):5d} {statistics.median(ms):10.2f} "
                 f"{p90:8.2f} {max(ms):8.2f}"

@@ -51,10 +51,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from multidict import CIMultiDict
 from pydantic import model_validator
 
 from mailgate import (
@@ -79,6 +77,10 @@ from mailgate.plugins.scanning import (
     folded,
     one_line,
 )
+
+if TYPE_CHECKING:  # aiohttp is imported when the plugin starts: `mailgate check` stays quick
+    import aiohttp
+    from multidict import CIMultiDict
 
 OUTCOMES = {
     "reject": "reject",
@@ -158,6 +160,8 @@ class Rspamd:
     @hookimpl
     async def on_startup(self, context: StartupContext) -> None:
         """Open one keep-alive HTTP pool per server."""
+        import aiohttp
+
         self.hostname = context.hostname
         self.support.set_timeout(context.settings_of(self).timeout)
         for server in self.support.servers:
@@ -178,6 +182,8 @@ class Rspamd:
         self._http.clear()
 
     def _request_headers(self, session: Session, envelope: Envelope) -> CIMultiDict[str]:
+        from multidict import CIMultiDict
+
         headers: CIMultiDict[str] = CIMultiDict()
         headers["IP"] = str(session.client_ip)
         if session.helo:
@@ -194,6 +200,8 @@ class Rspamd:
         return headers
 
     async def _ask(self, server: Server, headers: CIMultiDict[str], raw: bytes) -> dict[str, Any]:
+        import aiohttp
+
         http = self._http[server]
         url = (
             "http://localhost/checkv2"

@@ -44,9 +44,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiospamc
-from aiospamc.exceptions import AIOSpamcConnectionFailed, ClientException, TimeoutException
-from aiospamc.responses import ResponseException
 from pydantic import model_validator
 
 from mailgate import Envelope, HeaderStrip, Message, Session, StartupContext, Verdict, hookimpl
@@ -117,10 +114,21 @@ class SpamAssassin:
 
     @hookimpl
     def on_startup(self, context: StartupContext) -> None:
-        """Take the plugin's ``timeout``."""
+        """Take the plugin's ``timeout``; import aiospamc now rather than in the first scan."""
+        import aiospamc  # noqa: F401
+
         self.support.set_timeout(context.settings_of(self).timeout)
 
     async def _ask(self, server: Server, raw: bytes) -> SpamdAnswer:
+        # Imported here, not at the top: aiospamc (and its loguru) cost every CLI start otherwise.
+        import aiospamc
+        from aiospamc.exceptions import (
+            AIOSpamcConnectionFailed,
+            ClientException,
+            TimeoutException,
+        )
+        from aiospamc.responses import ResponseException
+
         where: dict[str, Any] = {"host": server.host, "port": server.port}
         if server.path:
             where = {"socket_path": server.path}
