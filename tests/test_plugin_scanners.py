@@ -413,7 +413,7 @@ def test_mailgate_test_shows_the_rspamd_and_clamav_answers_in_its_trace(tmp_path
 def test_content_example_cases_run_rspamd_spamassassin_clamav_on_declared_answers():
     result = mailgate("test", "--cases", "policies/examples/content.cases.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "10 cases in 1 files: 10 passed, 0 failed" in result.stdout
+    assert "11 cases in 1 files: 11 passed, 0 failed" in result.stdout
 
 
 def test_cases_with_an_unknown_rspamd_answer_key_are_refused_with_its_position(tmp_path):
@@ -428,3 +428,30 @@ def test_cases_with_an_unknown_rspamd_answer_key_are_refused_with_its_position(t
     result = mailgate("test", "--cases", str(cases))
     assert result.returncode == 2
     assert f"{cases}:5:" in result.stderr and "rspamd: unknown key acton" in result.stderr
+
+
+# ------------------------------------------------------------------ all three
+
+
+def test_rspamd_spamassassin_clamav_together_a_clean_message_carries_all_their_headers(
+    make_gateway, rspamd, spamd, clamd, upstream, decisions
+):
+    gw = make_gateway(
+        plugins={
+            "clamav": {"servers": [clamd.address], "timeout": "5s"},
+            "rspamd": {"servers": [rspamd.address], "timeout": "5s"},
+            "spamassassin": {"servers": [spamd.address], "timeout": "5s"},
+        }
+    )
+    assert send(gw)[0] == 250
+    data = upstream.messages[-1].data
+    headers = headers_of(data)
+    for name in ("X-Spam-Action", "X-Spam-Flag", "X-Spam-Status", "X-Virus-Scanned"):
+        assert name in headers
+    assert data.endswith(MESSAGE)
+    line = decisions()[-1]
+    assert "clamav.clean:tag,rspamd.clean:tag,spamassassin.clean:tag" in line
+    assert 'rspamd="no action' in line and 'spamassassin="False' in line
+    assert 'clamav="OK' in line
+    assert send(gw, EICAR_MESSAGE)[0] == 554  # clamd, first, refuses it
+    assert len(upstream.messages) == 1
