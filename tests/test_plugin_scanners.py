@@ -78,6 +78,15 @@ def test_scanner_server_addresses_parse_or_say_what_is_wrong():
             Server.parse(bad)
 
 
+def test_folded_scanner_headers_stay_within_the_line_limit():
+    from mailgate.plugins.scanning import folded
+
+    value = folded("tests=" + ", ".join(f"RULE_{n}" for n in range(400)) + "\r\nBcc: x@y")
+    lines = value.split("\r\n\t")
+    assert len(lines) > 10 and max(len(line) for line in lines) <= 76
+    assert "\r\nB" not in value and value.startswith("tests=RULE_0,")
+
+
 def test_rspamd_spamassassin_clamav_bad_config_is_an_error_naming_the_key(make_gateway):
     from mailgate.yamlsource import SourceError
 
@@ -366,6 +375,21 @@ def test_clamav_error_answer_and_dead_first_server_fail_over(
     assert "verdicts=clamav.error:tempfail" in decisions()[-1]
     gw = make_gateway(**scanner_policy("clamav", servers=[DEAD, clamd.address]))
     assert send(gw, EICAR_MESSAGE)[0] == 554
+
+
+def test_clamav_failed_server_is_skipped_for_retry_after_then_tried_again(
+    make_gateway, clamd, fake_scanner, upstream, decisions
+):
+    broken = fake_scanner(b"garbage\0", request_end=b"\0\0\0\0")
+    policy = scanner_policy("clamav", servers=[broken.address, clamd.address])
+    gw = make_gateway(**policy)
+    assert send(gw)[0] == 250  # broken answered garbage; clamd scanned it
+    assert send(gw)[0] == 250
+    assert broken.connections == 1  # skipped for retry_after (10s)
+    policy["plugins"]["clamav"]["retry_after"] = "0s"
+    gw = make_gateway(**policy)
+    assert send(gw)[0] == 250 and send(gw)[0] == 250
+    assert broken.connections == 3  # asked first every time
 
 
 def test_clamav_recipients_listed_as_exempt_are_not_scanned(
