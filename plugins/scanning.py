@@ -4,9 +4,9 @@ Not a plugin. Each scanner plugin composes a :class:`ScanSupport` and gets:
 
 - **servers with failover**: ``servers`` is a list of ``host:port``,
   ``[v6addr]:port`` or ``unix:/path``; they are tried in order. A server that
-  failed is skipped for ``retry_after`` (unless every server is skipped, then
-  all are tried again). Each attempt may take an equal share of the time left
-  of the plugin's ``timeout`` (the common plugin key), so a hanging first
+  failed is put last for ``retry_after``, so the others are asked first.
+  Each attempt may take an equal share of the time left of the plugin's
+  ``timeout`` (the common plugin key), so a hanging first
   server still leaves the second its turn, and the plugin answers with its own
   ``on_error`` policy before the core's hook timeout (``451 4.3.0``) fires.
 - **on_error**: when no server gives a usable answer, ``tempfail`` (the
@@ -239,9 +239,10 @@ class ScanSupport:
     # ------------------------------------------------------------ the scan
 
     def _candidates(self) -> list[Server]:
+        """The servers in policy order, those that failed within ``retry_after`` last."""
         now = time.monotonic()
         up = [s for s in self.servers if self._down_until.get(s, 0.0) <= now]
-        return up or list(self.servers)
+        return up + [s for s in self.servers if s not in up]
 
     async def scan(self, attempt: Callable[[Server], Awaitable[T]]) -> tuple[T, Server]:
         """Run ``attempt`` on each server in turn until one answers; raise :class:`ScanFailed`.

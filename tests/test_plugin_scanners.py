@@ -377,7 +377,7 @@ def test_clamav_error_answer_and_dead_first_server_fail_over(
     assert send(gw, EICAR_MESSAGE)[0] == 554
 
 
-def test_clamav_failed_server_is_skipped_for_retry_after_then_tried_again(
+def test_clamav_failed_server_is_asked_last_for_retry_after_then_first_again(
     make_gateway, clamd, fake_scanner, upstream, decisions
 ):
     broken = fake_scanner(b"garbage\0", request_end=b"\0\0\0\0")
@@ -385,7 +385,7 @@ def test_clamav_failed_server_is_skipped_for_retry_after_then_tried_again(
     gw = make_gateway(**policy)
     assert send(gw)[0] == 250  # broken answered garbage; clamd scanned it
     assert send(gw)[0] == 250
-    assert broken.connections == 1  # skipped for retry_after (10s)
+    assert broken.connections == 1  # asked after clamd for retry_after (10s)
     policy["plugins"]["clamav"]["retry_after"] = "0s"
     gw = make_gateway(**policy)
     assert send(gw)[0] == 250 and send(gw)[0] == 250
