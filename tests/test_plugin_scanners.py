@@ -479,3 +479,27 @@ def test_rspamd_spamassassin_clamav_together_a_clean_message_carries_all_their_h
     assert 'clamav="OK' in line
     assert send(gw, EICAR_MESSAGE)[0] == 554  # clamd, first, refuses it
     assert len(upstream.messages) == 1
+
+
+def test_cases_declare_a_clamav_that_never_answers_and_a_spamassassin_answer(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "hostname: t\ndomains: [example.com]\nplugins:\n"
+        f"  clamav: {{servers: ['{DEAD}'], timeout: 1s}}\n"
+        f"  spamassassin: {{servers: ['{DEAD}'], reject_score: 8}}\n"
+    )
+    cases = tmp_path / "p.cases.yaml"
+    cases.write_text(
+        "defaults: {from: a@example.net, to: b@example.com}\n"
+        "scanners: {clamav: {found: null}}\n"
+        "cases:\n"
+        "  - name: clamd hangs\n    scanners: {clamav: timeout}\n"
+        "    expect: {outcome: tempfail, rules: [clamav.unavailable], reply: '451 4.7.1'}\n"
+        "  - name: spamd says 9\n"
+        "    scanners: {spamassassin: {spam: true, score: 9, rules: [X_A, X_B]}}\n"
+        "    expect: {outcome: reject, rules: [clamav.clean, spamassassin.reject]}\n"
+    )
+    result = mailgate("test", "--cases", str(cases), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    traces = [c["trace"] for c in json.loads(result.stdout)["files"][0]["cases"]]
+    reasons = [v["reason"] for step in traces[1]["steps"] for v in step["verdicts"]]
+    assert any(r.startswith("spamd: True 9/5 X_A,X_B") for r in reasons)
