@@ -17,7 +17,7 @@ rule id                  default   when
 ``spamassassin.clean``   tag       ``Spam: False``: the headers only
 =======================  ========  ================================================
 
-A tag adds ``X-Spam-Flag: YES|NO``, ``X-Spam-Score: <score> / <threshold>``,
+A tag adds ``X-Spam-Flag: YES|NO``,
 ``X-Spam-Status: Yes|No, score=.. required=.. tests=..`` (``status_header``)
 and ``X-Spam-Report`` (``report_header``), after removing those fields from
 the message so a sender cannot forge them. With ``add_score: true`` spamd's
@@ -70,7 +70,8 @@ RULES = (
     ScanRule("spamassassin.error", "tempfail", 0.0, "spamd answered something unusable"),
 )
 OUTCOMES = ("reject", "spam", "clean")
-OWN_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status", "X-Spam-Report")
+# Not X-Spam-Score: that is rspamd's summary, and both plugins may run.
+OWN_HEADERS = ("X-Spam-Flag", "X-Spam-Status", "X-Spam-Report")
 _REPORT_RULE = re.compile(r"^\s*-?\d+(?:\.\d+)?\s+([A-Z0-9_]+)\s", re.MULTILINE)
 
 
@@ -176,10 +177,7 @@ class SpamAssassin:
         else:
             outcome = "spam" if answer.spam else "clean"
         yes = "Yes" if answer.spam else "No"
-        headers = {
-            "X-Spam-Flag": yes.upper(),
-            "X-Spam-Score": f"{answer.score:.1f} / {answer.threshold:.1f}",
-        }
+        headers = {"X-Spam-Flag": yes.upper()}
         if self.config.status_header:
             headers["X-Spam-Status"] = folded(
                 f"{yes}, score={answer.score:.1f} required={answer.threshold:.1f} "
