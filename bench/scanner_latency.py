@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import shutil
 import statistics
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
