@@ -5,7 +5,8 @@ PID at the end, whatever happens):
 
 1. builds a 4 KB DKIM-signed message and serves its SPF/DKIM/DMARC records
    from a DNS server on loopback;
-2. starts the sink, mailgate (default policy, workers 1 and 2; full policy),
+2. starts the sink, mailgate (default policy, workers 1 and 2; full policy;
+   content policy, with private rspamd and clamd),
    the naive relay and Haraka (nodes 0 and 2; Nagle as shipped and with
    TCP_NODELAY forced; with its ``headers`` plugin for the full comparison);
 3. memory, before any load: RSS added by 1,000 idle connections;
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import driver, haraka, message, report, systems
+from bench import driver, haraka, message, report, scanners, systems
 from bench.procs import Proc, free_port, wait_banner
 from bench.systems import System
 
@@ -305,13 +306,22 @@ def start_systems(
         mailgates.append(("mg-default-w2", "default", 2))
     else:
         results.notes.append("mailgate workers: 2 not measured: this build has no `workers` key")
+    servers: dict[str, str] = {}
+    if wanted("mg-content-w1"):
+        if scanners.missing():
+            results.notes.append(
+                f"mg-content-w1 not measured: {', '.join(scanners.missing())} not installed"
+            )
+        else:
+            servers = scanners.start(args.scratch, run_dir, procs)
+            mailgates.append(("mg-content-w1", "content", 1))
     for key, template, workers in mailgates:
         if not wanted(key):
             continue
         port = free_port()
         policy = systems.compose_policy(
             template, run_dir / f"{key}.yaml", port=port, sink_port=sink_port, dns=dns,
-            workers=workers,
+            workers=workers, servers=servers,
         )  # fmt: skip
         proc = systems.start_mailgate(run_dir, key, policy.path, port)
         procs.append(proc)

@@ -67,9 +67,19 @@ class ComposedPolicy:
 
 
 def compose_policy(
-    template: str, out: Path, *, port: int, sink_port: int, dns: str, workers: int
+    template: str,
+    out: Path,
+    *,
+    port: int,
+    sink_port: int,
+    dns: str,
+    workers: int,
+    servers: dict[str, str] | None = None,
 ) -> ComposedPolicy:
-    """Fill in ``bench/policies/TEMPLATE.yaml``; drop plugins this build lacks or rejects."""
+    """Fill in ``bench/policies/TEMPLATE.yaml``; drop plugins this build lacks or rejects.
+
+    ``servers`` gives the content-scanner plugins their daemon's address.
+    """
     from mailgate.runtime import Runtime
     from mailgate.yamlsource import SourceError
 
@@ -86,6 +96,9 @@ def compose_policy(
     for key in [k for k in data.get("limits", {}) if k not in Limits.model_fields]:
         del data["limits"][key]  # a key this build does not have yet
     plugins: dict[str, Any] = data.get("plugins") or {}
+    for name, address in (servers or {}).items():
+        if name in plugins:
+            plugins[name]["servers"] = [address]
     known = available_plugins()
     dropped = {name: "not in this build" for name in plugins if name not in known}
     for name in dropped:

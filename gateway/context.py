@@ -87,6 +87,8 @@ class Envelope:
     """Typed results that plugins publish for each other (``results["spf"]``)."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Per-transaction scratch space for plugins, keyed by plugin name."""
+    log_fields: dict[str, str] = field(default_factory=dict)
+    """Extra ``key=value`` fields for the decision line (a scanner's score and symbols)."""
 
     @property
     def sender_domain(self) -> str:

@@ -73,6 +73,7 @@ def log_transaction(
     fields += [
         ("verdicts", _verdicts(envelope.card.verdicts)),
         ("score", float(envelope.card.score)),
+        *envelope.log_fields.items(),
         ("outcome", outcome_of(stage, reply)),
         ("stage", stage),
         ("reply", str(reply) if reply else "-"),

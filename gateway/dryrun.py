@@ -41,7 +41,7 @@ from mailgate.context import VerdictRecord
 from mailgate.listener import protocol_factory
 from mailgate.observer import Observer
 from mailgate.policy import State
-from mailgate.registry import load_policy
+from mailgate.registry import build_plugins, load_policy
 from mailgate.runtime import Runtime
 from mailgate.stages import StageOutcome
 from mailgate.verdict import Reply
@@ -99,17 +99,28 @@ class DryRunTransaction:
         """Nothing to abort."""
 
 
-def dry_runtime(doc: Document, nameservers: list[str] | None = None) -> Runtime:
+def dry_runtime(
+    doc: Document, nameservers: list[str] | None = None, servers: dict[str, str] | None = None
+) -> Runtime:
     """The policy's runtime with a :class:`DryRunUpstream` and in-memory state.
 
-    ``nameservers`` replaces the policy's ``dns.nameservers`` (a test zone).
+    ``nameservers`` replaces the policy's ``dns.nameservers`` (a test zone);
+    ``servers`` replaces the ``servers`` of the plugins it names (declared
+    scanner answers, ``mailgate.testscanners``).
     Raises ``SourceError`` for a bad policy, as ``Runtime.from_document`` does.
     """
     policy, plugin_set = load_policy(doc)
     update: dict[str, Any] = {"state": State()}
     if nameservers is not None:
         update["dns"] = policy.dns.model_copy(update={"nameservers": nameservers})
+    if servers:
+        update["plugins"] = {
+            name: {**(section or {}), "servers": [servers[name]]} if name in servers else section
+            for name, section in policy.plugins.items()
+        }
     policy = policy.model_copy(update=update)
+    if servers:
+        plugin_set = build_plugins(policy, doc)
     return Runtime(policy, plugin_set, doc.filename, upstream=DryRunUpstream())
 
 

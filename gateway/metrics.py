@@ -83,9 +83,9 @@ from mailgate.admission import MEMORY_RULE, PROCESS_BUDGET
 from mailgate.decisionlog import outcome_of
 from mailgate.observer import Observer
 from mailgate.policy import split_host_port
+from mailgate.queue.spool import STATS
 from mailgate.registry import EVENTS, STAGES
 from mailgate.version import version
-from mailgate.queue.spool import STATS
 
 if TYPE_CHECKING:
     from mailgate.context import Envelope, Session, VerdictRecord

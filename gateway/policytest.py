@@ -21,6 +21,8 @@ A cases file (YAML, checked like a policy, errors as ``FILE:LINE:COL``)::
       from: alice@example.net
     dns:                            # optional: records for every case (mailgate.testzone)
       example.net: {TXT: "v=spf1 ip4:192.0.2.0/24 -all"}
+    scanners:                       # optional: what scanners answer (mailgate.testscanners)
+      rspamd: {action: no action, score: 1.2}
     cases:
       - name: mail for a local user is delivered
         to: bob@example.com         # one address or a list
@@ -28,6 +30,7 @@ A cases file (YAML, checked like a policy, errors as ``FILE:LINE:COL``)::
           From: alice@example.net
           ...
         dns: {}                     # merged over the file's records
+        scanners: {}                # content scanners' answers (mailgate.testscanners)
         expect:
           outcome: accept           # accept | tempfail | reject
           rules: [spf.pass]         # rule ids that must give a verdict (any mode)
@@ -65,6 +68,7 @@ from mailgate import dryrun
 from mailgate.dryrun import DEFAULT_CLIENT_IP, Request, Trace, as_sent, dry_runtime
 from mailgate.policy import StrictModel, validation_messages
 from mailgate.testreport import trace_json, trace_lines
+from mailgate.testscanners import check_answers, start_servers
 from mailgate.testzone import Zone, ZoneServer
 from mailgate.yamlsource import SourceError, load_file
 
@@ -80,6 +84,12 @@ def _valid_zone(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _valid_answers(value: dict[str, Any]) -> dict[str, Any]:
+    check_answers(value)  # raises ValueError naming the bad answer
+    return value
+
+
+ScannersField = Annotated[dict[str, Any], AfterValidator(_valid_answers)]
 ZoneField = Annotated[
     dict[str, dict[str, str | list[str]] | Literal["servfail", "timeout"]],
     AfterValidator(_valid_zone),
@@ -111,6 +121,8 @@ class CaseInput(StrictModel):
     message: str | None = None
     message_file: str | None = None
     dns: ZoneField = Field(default_factory=dict)
+    scanners: ScannersField = Field(default_factory=dict)
+    """What content scanners answer (``mailgate.testscanners``)."""
 
     @field_validator("client_ip")
     @classmethod
@@ -133,6 +145,7 @@ class CasesFile(StrictModel):
 
     defaults: dict[str, Any] = Field(default_factory=dict)
     dns: ZoneField = Field(default_factory=dict)
+    scanners: ScannersField = Field(default_factory=dict)
     cases: list[dict[str, Any]] = Field(min_length=1)
 
 
@@ -143,6 +156,7 @@ class LoadedCase:
     case: Case
     request: Request
     zone: Zone
+    scanners: dict[str, Any]
 
 
 def made_up_message(sender: str, recipients: list[str]) -> bytes:
@@ -211,7 +225,8 @@ def load_cases(path: str) -> list[LoadedCase]:
             errors.append(doc.error(where, str(exc)))
             continue
         zone = Zone({**top.dns, **top.defaults.get("dns", {}), **case.dns})
-        loaded.append(LoadedCase(case, request, zone))
+        scanners = {**top.scanners, **top.defaults.get("scanners", {}), **case.scanners}
+        loaded.append(LoadedCase(case, request, zone, scanners))
     if errors:
         raise SourceError(errors)
     return loaded
@@ -299,13 +314,19 @@ async def run_cases(path: str, policy_path: str) -> list[CaseResult]:
     try:
         for item in cases:
             zones.zone = item.zone
-            runtime = dry_runtime(doc, nameservers=[zones.address])
-            await runtime.start()
+            scanners = await start_servers(item.scanners)
             try:
-                for _ in range(item.case.repeat):
-                    trace = await dryrun.run(runtime, item.request)
+                servers = {s.kind: s.address for s in scanners}
+                runtime = dry_runtime(doc, nameservers=[zones.address], servers=servers)
+                await runtime.start()
+                try:
+                    for _ in range(item.case.repeat):
+                        trace = await dryrun.run(runtime, item.request)
+                finally:
+                    await runtime.stop()
             finally:
-                await runtime.stop()
+                for scanner in scanners:
+                    await scanner.close()
             results.append(CaseResult(item.case.name, check(item.case, trace), trace))
     finally:
         await zones.close()

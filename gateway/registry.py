@@ -63,6 +63,9 @@ BUILTINS: dict[str, str] = {
     "dkim": "mailgate.plugins.dkim:Dkim",
     "arc": "mailgate.plugins.arc:Arc",
     "dmarc": "mailgate.plugins.dmarc:Dmarc",
+    "rspamd": "mailgate.plugins.rspamd:Rspamd",
+    "spamassassin": "mailgate.plugins.spamassassin:SpamAssassin",
+    "clamav": "mailgate.plugins.clamav:Clamav",
     "relay_access": "mailgate.plugins.relay_access:RelayAccess",
     "auth_results": "mailgate.plugins.auth_results:AuthResults",
 }

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-RuleAction = Literal["accept", "reject", "tempfail", "tag"]
+RuleAction = Literal["accept", "reject", "tempfail", "tag", "quarantine"]
 
 _PLACEHOLDER = re.compile(r"<[a-z_]+>")
 

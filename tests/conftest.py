@@ -12,6 +12,7 @@ import pytest
 from mailgate.logformat import HANDLER_NAME
 from tests.dnsserver import LoopbackDnsServer
 from tests.redis_support import redis_server  # noqa: F401 - fixture for the Redis state tests
+from tests.scanners import clamd, fake_scanner, rspamd, scanner_root, spamd  # noqa: F401
 from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy
 from tests.tlscerts import certs  # noqa: F401 - fixture: certificates made at test time
 
