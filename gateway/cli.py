@@ -1,7 +1,10 @@
 """The ``mailgate`` command: ``run`` the gateway, ``check`` a policy, ``test`` it, ``reload`` it.
 
 ``mailgate rules -c POLICY`` lists every rule id of the policy's plugins (their
-``RULES`` declarations) with its default action, score, mode and description.
+``RULES`` declarations) with its default action, score, mode and description;
+a placeholder id (``ratelimit.<name>``) is followed by the concrete ids the
+config gives it, with their configured action, where the plugin lists them
+(``configured_rules()``).
 
 ``mailgate queue list | show | hold | release | delete | flush`` manages the
 spool (queued and quarantined mail); without ``-c`` it reads ``$MAILGATE_CONFIG``.
@@ -76,13 +79,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def rule_table(runtime: Runtime) -> list[tuple[str, str, str, str, str, str]]:
-    """One row per declared rule of the loaded plugins: rule, plugin, action, score, mode, text."""
+    """One row per declared rule of the loaded plugins: rule, plugin, action, score, mode, text.
+
+    A placeholder's row is followed by one per concrete id its plugin lists.
+    """
     rows: list[tuple[str, str, str, str, str, str]] = []
     for name, loaded in runtime.plugin_set.plugins.items():
         if loaded.rules is None:
             rows.append(("-", name, "-", "-", loaded.settings.mode, "(declares no RULES)"))
             continue
-        for rule in loaded.rules:
+        for rule in loaded.rules_in_use:
             modes: set[str] = {loaded.settings.mode_of(rule.id)}
             if "<" in rule.id:  # a placeholder: every mode its instances are in
                 modes |= {m for r, m in loaded.settings.rule_modes.items() if rule.matches(r)}

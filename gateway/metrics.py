@@ -58,7 +58,13 @@ Which plugin is slow::
 
 Labelled series start at 0 for the label values known in advance (every
 plugin and hook of the loaded policy, the stages, outcomes, reload results,
-upstream reply classes), so a dashboard shows 0 rather than "No data".
+upstream reply classes), so a dashboard shows 0 rather than "No data". So do
+the verdict series of every rule the loaded plugins declare (``RULES``), with
+its default action and its mode: a placeholder id (``ratelimit.<name>``,
+``headers.missing_<name>``) through the concrete ids its plugin lists
+(``configured_rules()``), or not at all when it lists none. A verdict whose
+action the config changed (spf's per-result actions, a scanner's remapped
+outcomes) gets its own series when it first happens.
 
 Verdicts of the connect and HELO stages are counted at once; those of a
 transaction (its stages' and the core's own, such as ``score.reject``) when
@@ -277,6 +283,22 @@ class Metrics(Observer):
                 self._plugin(plugin, hook)
                 for kind in FAILURE_KINDS:
                     self.plugin_errors.labels(plugin, hook, kind)
+        self._expect_verdicts(plugin_set)
+
+    def _expect_verdicts(self, plugin_set: PluginSet) -> None:
+        """Create a verdict series at 0 per rule the plugins declare, with its default action.
+
+        A placeholder (``ratelimit.<name>``) counts through the concrete ids its
+        plugin's ``configured_rules()`` lists; one it lists none for is skipped.
+        """
+        for name, loaded in plugin_set.plugins.items():
+            for rule in loaded.rules_in_use:
+                mode = loaded.settings.mode_of(rule.id)
+                if "<" in rule.id or mode == "off":
+                    continue
+                self._verdict(name, rule.id, rule.action, mode)
+                if rule.id.startswith(RATELIMIT_PREFIX):
+                    self._hit(rule.id, mode)
 
     def track_state(self, backend: Callable[[], StateBackend | None]) -> None:
         """Report the health of the state backend that ``backend()`` returns at scrape time."""

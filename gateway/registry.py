@@ -21,6 +21,10 @@ declaration (:mod:`mailgate.rules`), and its hook implementations against the
 spec (:mod:`mailgate.hookspecs`): no wrappers, no unknown hook names, no
 argument the spec does not offer. Every problem is reported with its position.
 
+A plugin may list the concrete ids of its placeholder rules with
+``configured_rules()`` (:func:`mailgate.rules.configured_rules`); an id that
+is no instance of a declared placeholder is a load error.
+
 A plugin may expose ``default_rule_modes`` (a mapping of rule id to mode, as
 ``headers`` and ``helo`` do for ``monitor``/``off`` under their ``rules:``);
 the policy's ``rule_modes`` win over it. Every policy gets its own
@@ -45,7 +49,13 @@ from pydantic import Field, ValidationError
 
 from mailgate import hookspecs
 from mailgate.policy import Policy, StrictModel, parse_policy, validation_messages
-from mailgate.rules import Rule, declared_rules, unknown_rule_message
+from mailgate.rules import (
+    Rule,
+    configured_rules,
+    declared_rules,
+    rules_in_use,
+    unknown_rule_message,
+)
 from mailgate.units import Duration
 from mailgate.yamlsource import Document, Path, SourceError
 
@@ -113,6 +123,13 @@ class LoadedPlugin:
     settings: PluginSettings
     rules: tuple[Rule, ...] | None = None
     """The rule ids it declares (``RULES``); None when it declares none."""
+    concrete: tuple[Rule, ...] = ()
+    """The concrete ids its config gives its placeholders (``configured_rules()``)."""
+
+    @property
+    def rules_in_use(self) -> tuple[Rule, ...]:
+        """Its declared rules, each placeholder followed by its concrete instances."""
+        return rules_in_use(self.rules or (), self.concrete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +331,17 @@ def load_plugins(sections: Mapping[str, Any], doc: Document) -> PluginSet:
         if defaults:
             merged = {**defaults, **settings.rule_modes}
             settings = settings.model_copy(update={"rule_modes": merged})
-        loaded.append(LoadedPlugin(name, plugin, settings, declared_rules(plugin)))
+        declared = declared_rules(plugin)
+        try:
+            concrete = configured_rules(plugin, declared or ())
+        except ValueError as exc:
+            errors.append(doc.error(prefix, f"invalid plugin: {exc}"))
+            continue
+        except Exception as exc:  # a plugin's own bug: say so, without a traceback
+            why = f"configured_rules() failed: {type(exc).__name__}: {exc}"
+            errors.append(doc.error(prefix, f"invalid plugin: {why}"))
+            continue
+        loaded.append(LoadedPlugin(name, plugin, settings, declared, concrete))
     if errors:
         raise SourceError(errors)
     # pluggy calls the last registered first: register in reverse to run in policy order.

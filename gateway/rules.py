@@ -9,6 +9,12 @@ rule tables are tested against it.
 A rule id whose last part depends on the config is declared with a
 placeholder in angle brackets: ``headers.missing_<name>`` stands for
 ``headers.missing_date``, ``headers.missing_message_id`` and so on.
+
+A configured plugin may say which concrete ids its placeholders stand for
+with an optional method ``configured_rules()``, returning :class:`Rule` objects
+whose ids are instances of its declared placeholders (with the action and
+score its config gives them); :func:`rules_in_use` puts them in place of the
+placeholder, for ``mailgate rules`` and the verdict metrics' zero series.
 """
 
 from __future__ import annotations
@@ -51,6 +57,43 @@ def declared_rules(plugin: object) -> tuple[Rule, ...] | None:
     rules = getattr(plugin, "RULES", None)
     if rules is None:
         return None
+    return tuple(rules)
+
+
+def configured_rules(plugin: object, declared: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """What a configured plugin's ``configured_rules()`` returns (empty without one).
+
+    Raises ValueError for an id with a placeholder left or one that is no
+    instance of a declared placeholder.
+    """
+    method = getattr(plugin, "configured_rules", None)
+    if method is None:
+        return ()
+    found = tuple(method())
+    placeholders = [rule for rule in declared if "<" in rule.id]
+    for rule in found:
+        if not isinstance(rule, Rule):
+            raise ValueError(f"configured_rules() gave {rule!r}, not a mailgate.Rule")
+        if "<" in rule.id or not any(p.matches(rule.id) for p in placeholders):
+            known = ", ".join(p.id for p in placeholders) or "none"
+            raise ValueError(
+                f"configured_rules() gave {rule.id!r}, which is no instance of a declared "
+                f"placeholder ({known})"
+            )
+    return found
+
+
+def rules_in_use(declared: tuple[Rule, ...], concrete: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """The declared rules with each placeholder followed by its concrete instances.
+
+    A placeholder no concrete id matches stays as it is (its instances are not
+    known before traffic).
+    """
+    rules: list[Rule] = []
+    for rule in declared:
+        rules.append(rule)
+        if "<" in rule.id:
+            rules.extend(c for c in concrete if rule.matches(c.id) and c not in rules)
     return tuple(rules)
 
 

@@ -342,6 +342,17 @@ class Headers:
         """``monitor``/``off`` given under ``rules:`` (the policy's ``rule_modes`` win)."""
         return self.book.default_rule_modes
 
+    def configured_rules(self) -> list[Rule]:
+        """The ``missing_``/``duplicate_`` ids of the configured headers, as configured."""
+        rules = []
+        for rule in self.book.rules.values():
+            if not (MISSING.matches(rule.id) or DUPLICATE.matches(rule.id)):
+                continue
+            action, score = self.book.setting(rule.id)
+            if action != "off":
+                rules.append(Rule(rule.id, action, rule.description, score))
+        return rules
+
     @hookimpl
     def on_startup(self, context: StartupContext) -> None:
         """Learn our hostname (for repaired Message-IDs) and the plugin's rule modes."""

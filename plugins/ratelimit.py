@@ -272,6 +272,13 @@ class RateLimit:
         self.settings = PluginSettings()
         self.errors = StateErrors(self.name, config.on_error)
 
+    def configured_rules(self) -> list[Rule]:
+        """One ``ratelimit.NAME`` per configured limit, with its action."""
+        return [
+            Rule(rule.id, rule.rule.action, f"limit {rule.rule.name} is over its rate")
+            for rule in self.rules
+        ]
+
     @hookimpl
     def on_startup(self, context: StartupContext) -> None:
         """Take the shared state backend and this plugin's rule modes."""

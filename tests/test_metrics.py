@@ -123,6 +123,45 @@ def test_known_label_values_start_at_zero(make_gateway):
     assert s[("mailgate_state_up", frozenset())] == 1
 
 
+def test_declared_rules_start_at_zero_with_their_concrete_ids(make_gateway):
+    gw = make_gateway(
+        metrics="127.0.0.1:0",
+        plugins={
+            "spf": {"rule_modes": {"spf.softfail": "monitor", "spf.neutral": "off"}},
+            "headers": {"require": ["From", "Date", "Message-ID"], "singletons": ["Subject"]},
+            "ratelimit": {
+                "rules": [
+                    {"key": "client_ip", "rate": "100/1h", "name": "per_client"},
+                    {"key": "sender", "rate": "5/1m", "name": "bulk", "action": "reject"},
+                ]
+            },
+        },
+    )
+    status, text = http_get(metrics_port(gw), "/metrics")  # before any mail
+    assert status == 200
+    line = 'mailgate_verdicts_total{action="tag",mode="enforce",plugin="spf",rule="spf.fail"} 0.0'
+    assert line in text.splitlines()
+    s = scrape(metrics_port(gw))
+    verdicts = "mailgate_verdicts_total"
+
+    def has(**labels: str) -> bool:
+        return s.get((verdicts, frozenset(labels.items()))) == 0
+
+    assert has(plugin="spf", rule="spf.softfail", action="tag", mode="monitor")
+    assert has(plugin="headers", rule="headers.missing_date", action="reject", mode="enforce")
+    assert has(plugin="headers", rule="headers.missing_message_id", action="tag", mode="enforce")
+    assert has(plugin="headers", rule="headers.duplicate_subject", action="reject", mode="enforce")
+    assert has(plugin="ratelimit", rule="ratelimit.per_client", action="tempfail", mode="enforce")
+    assert has(plugin="ratelimit", rule="ratelimit.bulk", action="reject", mode="enforce")
+    assert has(plugin="relay_access", rule="relay.denied", action="reject", mode="enforce")
+    hits = "mailgate_ratelimit_hits_total"
+    assert s[(hits, frozenset({("rule", "ratelimit.bulk"), ("mode", "enforce")}))] == 0
+    rules = {dict(labels)["rule"] for name, labels in s if name == verdicts}
+    assert "spf.neutral" not in rules  # off: never counted
+    assert not [rule for rule in rules if "<" in rule]  # placeholders only as concrete ids
+    assert "headers.duplicate_from" not in rules  # only the configured singletons
+
+
 def test_upstream_refusals_are_counted_by_class(make_gateway, upstream):
     gw = make_gateway(metrics="127.0.0.1:0")
     upstream.behaviour.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"

@@ -163,6 +163,44 @@ def test_mailgate_rules_lists_every_rule_of_the_loaded_plugins(tmp_path):
     assert {"relay.denied", "auth_results.added", "auth_results.forged"} <= set(rows)
 
 
+def test_mailgate_rules_lists_the_concrete_ids_of_placeholders(tmp_path):
+    limits = [
+        {"key": "client_ip", "rate": "100/1h", "name": "per_client"},
+        {"key": "sender", "rate": "5/1m", "name": "bulk", "action": "reject"},
+    ]
+    path = write_policy(
+        tmp_path,
+        plugins={
+            "headers": {
+                "require": ["From", "Message-ID"],
+                "rule_modes": {"headers.missing_message_id": "monitor"},
+            },
+            "ratelimit": {"rules": limits},
+        },
+    )
+    result = run_mailgate("rules", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    order = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert order.index("ratelimit.per_client") == order.index("ratelimit.<name>") + 1
+    assert rows["ratelimit.per_client"][1:3] == ["ratelimit", "tempfail"]
+    assert rows["ratelimit.bulk"][1:3] == ["ratelimit", "reject"]
+    assert rows["headers.missing_from"][1:5] == ["headers", "reject", "1", "enforce"]
+    assert rows["headers.missing_message_id"][1:5] == ["headers", "tag", "1", "monitor"]
+    assert "headers.missing_date" not in rows  # not required by this policy
+    assert "headers.duplicate_subject" in rows  # the default singletons
+    assert {"headers.missing_<name>", "ratelimit.<name>"} <= set(rows)
+
+
+def test_configured_rules_must_be_instances_of_declared_placeholders(tmp_path):
+    errors = errors_of(
+        "plugins:\n  odd:\n    module: tests.sample_plugins.contract:StrayConfiguredRule\n"
+    )
+    assert len(errors) == 1
+    assert errors[0].startswith("p.yaml:2:3: plugins.odd: invalid plugin: configured_rules() gave")
+    assert "'other.first'" in errors[0] and "(odd.<name>)" in errors[0]
+
+
 # ------------------------------------------------------------------ one monitor mode
 
 

@@ -70,3 +70,13 @@ class TwoFindings:
             Verdict.tag("two.tag", "tagged", score=1.0),
             Verdict.reject("two.reject", "rejected", code=550, status="5.7.1", text="No"),
         ]
+
+
+class StrayConfiguredRule:
+    """Lists a concrete rule id that no declared placeholder stands for: a load error."""
+
+    RULES = (Rule("odd.<name>", "tag", "one per configured name"), Rule("odd.plain", "tag", "x"))
+
+    def configured_rules(self) -> list[Rule]:
+        """``odd.first`` is fine; ``other.first`` is no instance of ``odd.<name>``."""
+        return [Rule("odd.first", "tag", "one"), Rule("other.first", "tag", "x")]
