@@ -15,6 +15,8 @@ line the process writes (mailgate's and its libraries'):
   line as its own key (the decision line's ``txn``, ``client``, ``outcome``,
   ``verdicts`` ...; a queue line's ``id``, ``size`` ...), plus ``exc`` for a
   traceback;
+- with ``workers: N``, a worker's text lines start with ``workerN[PID]``; its
+  JSON lines have ``worker`` (N) and ``pid`` keys instead (:func:`label_worker`);
 - ``level`` sets the level of mailgate's own loggers (``mailgate.*``);
   ``debug`` adds one line per verdict. Libraries keep their own levels, and
   aiosmtpd's per-command log (the recording upstream of ``mailgate.testing``)
@@ -66,12 +68,40 @@ class _SyslogHandler(logging.handlers.SysLogHandler):
         return f"mailgate[{os.getpid()}]: {super().format(record)}"
 
 
+WORKER_ATTR = "mailgate_worker"
+"""The LogRecord attribute holding (worker index, pid) in a worker process."""
+
+
+def label_worker(index: int) -> None:
+    """Mark every record this (forked worker) process creates as worker ``index``'s.
+
+    A record factory rather than a handler filter, so that the label survives a
+    reload that opens a new log target.
+    """
+    label = (index, os.getpid())
+    make = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        setattr(record, WORKER_ATTR, label)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _worker(record: logging.LogRecord) -> tuple[int, int] | None:
+    label = getattr(record, WORKER_ATTR, None)
+    return label if isinstance(label, tuple) else None
+
+
 class TextFormatter(logging.Formatter):
     """``key=value`` text: the line's fields quoted by the one rule of ``mailgate.logfields``."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` with its field values quoted."""
         message, _ = structure(record)
+        if (worker := _worker(record)) is not None:
+            message = f"worker{worker[0]}[{worker[1]}] {message}"
         saved = record.msg, record.args
         record.msg, record.args = message, None
         try:
@@ -94,6 +124,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": message,
         }
+        if (worker := _worker(record)) is not None:
+            entry["worker"], entry["pid"] = worker
         for key, value in fields.items():
             entry.setdefault(key, json_value(value))
         if record.exc_info:

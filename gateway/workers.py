@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailgate.logformat import label_worker
+
 log = logging.getLogger("mailgate.workers")
 
 STOP_GRACE = 30.0
@@ -51,18 +53,6 @@ class _Slot:
     backoff: float = 0.0
 
 
-class _WorkerLabel(logging.Filter):
-    """Start every log message with the worker's label, whatever the log format."""
-
-    def __init__(self, label: str) -> None:
-        super().__init__()
-        self.label = label
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = f"{self.label} {record.msg}"
-        return True
-
-
 def _watch_parent(parent: int) -> None:
     """In a worker: stop (SIGTERM to ourselves) once the parent is gone."""
     while os.getppid() == parent:
@@ -77,9 +67,7 @@ def _child(index: int, serve: Callable[[], int], parent: int) -> None:
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        label = f"worker{index}[{os.getpid()}]"
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_WorkerLabel(label))
+        label_worker(index)  # text lines start with workerN[PID]; JSON has worker and pid
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
         code = serve()
     except BaseException:

@@ -55,14 +55,23 @@ class StateErrors:
         self._warned_at = -WARN_INTERVAL
         self._suppressed = 0
 
-    def verdict(self, exc: StateError, stage: Stage) -> Verdict:
-        """The verdict for a failed check: tempfail (4.3.0) or an ``allow`` tag."""
+    def verdict(self, exc: StateError, stage: Stage, txn: str = "-") -> Verdict:
+        """The verdict for a failed check: tempfail (4.3.0) or an ``allow`` tag.
+
+        ``txn`` (the transaction or session id) goes on the warning.
+        """
         rule = f"{self.plugin}.unavailable"
         reason = f"state backend failed: {exc}"
         now = time.monotonic()
         if now - self._warned_at >= WARN_INTERVAL:
-            more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
-            log.warning("%s: %s; on_error=%s%s", self.plugin, reason, self.on_error, more)
+            log.warning(
+                "state backend failed: txn=%s plugin=%s error=%s on_error=%s suppressed=%d",
+                txn,
+                self.plugin,
+                exc,
+                self.on_error,
+                self._suppressed,
+            )
             self._warned_at, self._suppressed = now, 0
         else:
             self._suppressed += 1

@@ -61,7 +61,7 @@ async def verify_arc(resolver: Resolver, message: Message) -> ArcResult:
         except dkim.DKIMException as exc:
             return ArcResult("fail", reason=str(exc)[:120])
         except Exception as exc:  # a dkimpy bug on odd input: the chain is not trusted
-            log.warning("arc verify error: %s: %s", type(exc).__name__, exc)
+            log.warning("arc verify error: error=%s", f"{type(exc).__name__}: {exc}")
             return ArcResult("fail", reason=f"cannot verify: {type(exc).__name__}")
         ordered = sorted(data, key=lambda r: int(r.get("instance", 0)))
         sealers = tuple(r.get("as-domain", b"").decode("ascii", "replace").lower() for r in ordered)

@@ -182,7 +182,10 @@ def verify_signature(
         return result("neutral", str(exc)[:80])
     except Exception as exc:  # a dkimpy bug on odd input: that signature is unverifiable
         log.warning(
-            "dkim verify error: d=%s s=%s: %s: %s", domain, selector, type(exc).__name__, exc
+            "dkim verify error: domain=%s selector=%s error=%s",
+            domain,
+            selector,
+            f"{type(exc).__name__}: {exc}",
         )
         return result("neutral", f"cannot verify: {type(exc).__name__}")
     return result("pass") if ok else result("fail", "signature did not verify")

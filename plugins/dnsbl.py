@@ -229,8 +229,11 @@ class Dnsbl:
                 self._cache.popitem(last=False)
         return addresses
 
-    async def lookup(self, ip: IPAddress) -> DnsblResult:
-        """Ask every zone at once and add up the weights of the sites that match."""
+    async def lookup(self, ip: IPAddress, txn: str = "-") -> DnsblResult:
+        """Ask every zone at once and add up the weights of the sites that match.
+
+        ``txn`` (the session id) goes on the warning for a zone that does not answer.
+        """
         replies = await asyncio.gather(
             *(self._zone(ip, zone) for zone in self.zones), return_exceptions=True
         )
@@ -238,7 +241,14 @@ class Dnsbl:
         errors = []
         for zone, reply in zip(self.zones, replies, strict=True):
             if isinstance(reply, DnsTempError):
-                log.warning("dnsbl: %s not answered for %s: %s", zone, ip, reply)
+                log.warning(
+                    "dnsbl zone not answered: txn=%s plugin=%s zone=%s client=%s error=%s",
+                    txn,
+                    self.name,
+                    zone,
+                    ip,
+                    reply,
+                )
                 errors.append(zone)
             elif isinstance(reply, BaseException):
                 raise reply
@@ -289,7 +299,7 @@ class Dnsbl:
         """Start the lookups (the banner does not wait unless ``stage: connect``)."""
         if self._exempt(session):
             return None
-        session.notes[NOTE] = asyncio.ensure_future(self.lookup(session.client_ip))
+        session.notes[NOTE] = asyncio.ensure_future(self.lookup(session.client_ip, session.id))
         if self.config.stage != "connect":
             return None
         result = await self._result(session)

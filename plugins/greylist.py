@@ -147,7 +147,7 @@ class Greylist:
                 key, config.delay, config.retry_window, config.lifetime
             )
         except StateError as exc:
-            return self.errors.verdict(exc, "rcpt")
+            return self.errors.verdict(exc, "rcpt", envelope.id)
         results[recipient] = decision.status.value
         if decision.status.allowed:
             return None

@@ -312,7 +312,8 @@ class RateLimit:
                 try:
                     decision = await self.state.rate(key, rule.interval, rule.burst, cost)
                 except StateError as exc:
-                    return [*verdicts, self.errors.verdict(exc, stage)]
+                    txn = envelope.id if envelope is not None else session.id
+                    return [*verdicts, self.errors.verdict(exc, stage, txn)]
                 if decision.allowed:
                     continue
                 verdict = refusal(

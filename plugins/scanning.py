@@ -276,14 +276,14 @@ class ScanSupport:
         self.note(envelope, failed.kind, 0.0)
         now = time.monotonic()
         if now - self._warned_at >= WARN_INTERVAL:
-            more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
             log.warning(
-                "%s: %s: %s; on_error=%s%s",
+                "content scan failed: txn=%s plugin=%s kind=%s error=%s on_error=%s suppressed=%d",
+                envelope.id,
                 self.name,
                 failed.kind,
                 failed.detail,
                 self.config.on_error,
-                more,
+                self._suppressed,
             )
             self._warned_at, self._suppressed = now, 0
         else:

@@ -120,7 +120,13 @@ def check_spf(
             header = query.get_header(result, receiver=receiver)
             header = header.replace(") client-ip=", ")\r\n\tclient-ip=", 1)
     except Exception as exc:  # a pyspf bug must not become a 5xx or lose the mail
-        log.warning("spf check error: %s: %s", type(exc).__name__, exc)
+        log.warning(
+            "spf check error: sender=%s helo=%s client=%s error=%s",
+            sender,
+            helo,
+            ip,
+            f"{type(exc).__name__}: {exc}",
+        )
         domain = (sender or f"postmaster@{helo}").rpartition("@")[2]
         ident = "mailfrom" if sender else "helo"
         return SpfResult("temperror", ident, domain, sender, ip, helo, "SPF check failed")

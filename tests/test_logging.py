@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import smtplib
 import sys
@@ -12,8 +13,9 @@ import pytest
 import yaml
 
 from mailgate.logfields import structure
-from mailgate.logformat import JsonFormatter
+from mailgate.logformat import WORKER_ATTR, JsonFormatter, TextFormatter
 from tests.ops_support import GatewayProcess, wait_until
+from tests.redis_support import free_port
 from tests.support import MESSAGE
 
 RULE = "tests.ops_plugins:Rule"
@@ -276,3 +278,51 @@ def test_with_json_queue_lines_carry_their_fields(tmp_path, upstream):
     sent = next(e for e in entries if e.get("outcome") == "sent")
     assert sent["id"] == queued["id"] and sent["to"] == "<bob@example.com>"
     assert sent["reply"].startswith("250 ")
+
+
+def test_with_json_and_workers_the_worker_and_plugin_warnings_are_fields(tmp_path, dns_server):
+    """Two workers, JSON: each line has worker and pid keys; dnsbl's DNS timeout has its fields."""
+    dns_server.timeout("1.0.0.127.slow.example")  # 127.0.0.1 reversed: never answered
+    port = free_port()
+    policy = {
+        "hostname": "mailgate.test",
+        "listen": [{"address": f"127.0.0.1:{port}"}],
+        "upstream": f"maildir:{tmp_path / 'mail'}",
+        "domains": ["example.com"],
+        "workers": 2,
+        "dns": {"nameservers": [dns_server.address], "timeout": "1s"},
+        "log": {"format": "json"},
+        "plugins": {"dnsbl": {"sites": ["slow.example"]}},
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    gw = GatewayProcess(path, tmp_path / "gateway.log")
+    try:
+        assert wait_until(lambda: gw.log.count("mailgate ready on") == 2)
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.ehlo("client.example.net")
+            client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
+    finally:
+        assert gw.stop() == 0
+    entries = [json.loads(line) for line in gw.log.splitlines()]  # every line: one JSON object
+    ready = [e for e in entries if e["msg"].startswith("mailgate ready on")]
+    assert sorted(e["worker"] for e in ready) == [0, 1]
+    assert all(isinstance(e["pid"], int) and e["pid"] > 0 for e in ready)
+    assert not [e for e in entries if re.match(r"worker\d+\[", e["msg"])]  # no label in msg
+    supervisor = next(e for e in entries if e["msg"].startswith("worker 0 started"))
+    assert "worker" not in supervisor  # the parent's own lines carry no worker key
+    warning = next(e for e in entries if e["msg"].startswith("dnsbl zone not answered"))
+    assert warning["level"] == "warning" and warning["plugin"] == "dnsbl"
+    assert warning["zone"] == "slow.example" and warning["client"] == "127.0.0.1"
+    assert warning["error"] and warning["worker"] in (0, 1)
+    decision = next(e for e in entries if e.get("outcome") == "delivered")
+    assert decision["txn"].startswith(warning["txn"] + ".")  # the session's transaction
+    assert decision["worker"] == warning["worker"]
+
+
+def test_a_worker_label_starts_text_lines_and_is_two_keys_in_json():
+    record = logging.LogRecord("mailgate.x", logging.INFO, __file__, 1, "hello n=%s", (3,), None)
+    setattr(record, WORKER_ATTR, (2, 4242))
+    assert TextFormatter("%(message)s").format(record) == "worker2[4242] hello n=3"
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["msg"], entry["worker"], entry["pid"], entry["n"]) == ("hello n=3", 2, 4242, 3)

@@ -121,8 +121,8 @@ def test_a_zone_that_does_not_answer_counts_as_not_listed(make_gateway, dns_serv
     )  # fmt: skip
     assert rcpt_reply(gw)[0] == 250
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "dnsbl: slow.example not answered" in logged
-    assert "dnsbl: broken.example not answered" in logged
+    assert "dnsbl zone not answered: txn=" in logged
+    assert "zone=slow.example" in logged and "zone=broken.example" in logged
 
 
 def test_answers_are_cached_and_trusted_clients_are_not_looked_up(make_gateway, dns_server):
