@@ -129,6 +129,8 @@ async def _fetch(resolver: Resolver, name: bytes) -> KeyRecord:
 async def fetch_keys(resolver: Resolver, names: Iterable[bytes]) -> dict[bytes, KeyRecord]:
     """Look up every key record in ``names`` at once."""
     unique = list(dict.fromkeys(n.lower() for n in names))
+    if len(unique) == 1:  # the usual case: no task to create and schedule
+        return {unique[0]: await _fetch(resolver, unique[0])}
     found = await asyncio.gather(*(_fetch(resolver, n) for n in unique))
     return dict(zip(unique, found, strict=True))
 
