@@ -30,6 +30,8 @@ class System:
     """None for the direct run (the load goes straight to the sink)."""
     processes: int = 1
     notes: list[str] = field(default_factory=list)
+    verifies: bool = False
+    """Checks SPF and DKIM: every message must reach the sink with dkim=pass and spf=pass."""
 
 
 def start_sink(scratch: Path) -> tuple[Proc, int]:
