@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench import driver, message, systems
-from bench.procs import Proc, free_port
+from bench.procs import Proc, _stat_cpu, free_port
 from bench.run import LoadGenerator, load_run
 from bench.systems import System
 
@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                         time.sleep(1.0)
+                    assert system.proc is not None
+                    before = {pid: _stat_cpu(pid) for pid in system.proc.tree()}
                     run = load_run(system, args.rcpts, args.messages, gen, sink_port)
+                    split = sorted(
+                        (_stat_cpu(pid) - before.get(pid, 0.0)) * 1000 / args.messages
+                        for pid in system.proc.tree()
+                    )
                     if spy is not None:
                         spy.send_signal(2)
                         spy.wait(30)
@@ -99,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     cpu[system.key].append(run.cpu_ms)
                     rate[system.key].append(run.rate)
+                    shares = " + ".join(f"{c:.3f}" for c in split if c >= 0.001)
                     print(f"  round {rnd + 1} {system.key:10} {run.rate:6.0f} msg/s "
-                          f"{run.cpu_ms:.3f} ms/msg", flush=True)  # fmt: skip
+                          f"{run.cpu_ms:.3f} ms/msg ({shares} by process)", flush=True)  # fmt: skip
             count = driver.sink_count(sink_port)
             print(f"\nsink: {count.messages} messages in the last run")
             print("| policy | CPU ms/msg (median) | runs | msg/s (median) |")
