@@ -31,6 +31,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import Relaxed, Simple
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgate.context import Message
 from mailgate.dns import DnsTempError
@@ -352,3 +354,10 @@ def test_signature_reencodings_textbook_rsa_accepts_pass_on_both_paths() -> None
     for kind in (0, 15, 16):
         reference, fast = both(_tamper(rng, kind, sig, head, body), keys)
         assert [r.result for r in reference] == [r.result for r in fast] == ["pass"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=60).map(lambda b: bytes(b" \t\r\na"[x % 5] for x in b)))
+def test_canonical_body_is_dkimpys_on_any_blanks(body: bytes) -> None:
+    for algorithm in (Relaxed, Simple):
+        assert canonical_body(algorithm, body) == algorithm.canonicalize_body(body)
