@@ -172,6 +172,7 @@ class FastDKIM(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
         (through the blank line) goes to dkimpy's parser. Anything else (a bare
         LF anywhere, no blank line, an empty first line) is parsed whole.
         """
+        self._bodies = {}  # canonical bodies of this message, by algorithm
         end = message.find(b"\r\n\r\n") if message else -1
         if (
             end <= 0
@@ -209,7 +210,7 @@ class FastDKIM(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
         hasher = HASH_ALGORITHMS[sig[b"a"]]
         if b"bh" in sig:
             # changed: the canonical body, once per message and algorithm
-            bodies = self.__dict__.setdefault("_bodies", {})
+            bodies = self._bodies
             algorithm = canon_policy.body_algorithm
             if algorithm not in bodies:
                 bodies[algorithm] = canonical_body(algorithm, self.body)

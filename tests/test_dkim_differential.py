@@ -361,3 +361,22 @@ def test_signature_reencodings_textbook_rsa_accepts_pass_on_both_paths() -> None
 def test_canonical_body_is_dkimpys_on_any_blanks(body: bytes) -> None:
     for algorithm in (Relaxed, Simple):
         assert canonical_body(algorithm, body) == algorithm.canonicalize_body(body)
+
+
+def test_a_verifier_given_another_message_forgets_the_first_body() -> None:
+    keys = key_records()
+    rng = random.Random(2)
+    head = _headers(rng, 0)
+    first, second = b"one\r\n", b"two\r\n"
+    sig = b""
+    while b"s=r2048" not in sig:
+        sig = _sign(rng, head + first)
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> KeyRecord:
+        return keys.get(name)
+
+    verifier = FastDKIM(sig + head + first, minkey=1024)
+    assert verifier.verify(dnsfunc=dnsfunc)
+    verifier.set_message(sig + head + second)
+    with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
+        verifier.verify(dnsfunc=dnsfunc)
