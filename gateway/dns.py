@@ -65,7 +65,7 @@ class Resolver:
         for resolver in (self._async, self._sync):
             _configure(resolver, config, self.cache)
 
-    def _cached(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+    def cached(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The cached answer with records for ``name``/``rdtype``, as dnspython would return it.
 
         dnspython answers a cache hit only after parsing the name and setting up
@@ -87,7 +87,7 @@ class Resolver:
 
     async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """Look up ``name``/``rdtype``; None for NXDOMAIN or no such record."""
-        cached = self._cached(name, rdtype)
+        cached = self.cached(name, rdtype)
         if cached is not None:
             return cached
         try:
@@ -106,7 +106,7 @@ class Resolver:
         ``lifetime`` caps this lookup below the configured timeout (a caller
         with a budget for several lookups, such as an SPF check, passes what is left).
         """
-        cached = self._cached(name, rdtype)
+        cached = self.cached(name, rdtype)
         if cached is not None:
             return cached
         try:

@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.name
@@ -45,6 +45,39 @@ def bound_resolver(resolver: Resolver) -> Iterator[None]:
         yield
     finally:
         _bound.resolver = previous
+
+
+class CacheMiss(BaseException):
+    """A lookup :func:`from_cache` could not answer from the cache.
+
+    A ``BaseException``, so that ``except Exception`` in the SPF check (or a
+    bare ``except`` in pyspf) does not turn it into an SPF result; a miss is
+    also recorded, so one that pyspf swallows still voids the attempt.
+    """
+
+
+T = TypeVar("T")
+
+
+def from_cache(resolver: Resolver, call: Callable[[], T]) -> T | None:
+    """``call()`` (which looks up through :func:`spf_lookup`) answered from the cache alone.
+
+    None when any lookup was not a live positive answer in ``resolver``'s cache:
+    then nothing was sent and the caller runs the real thing (in a thread). This
+    lets a check whose records are all cached run on the event loop, without the
+    thread hand-off (about 70 us of CPU for a 35 us check).
+    """
+    previous = getattr(_bound, "misses", None)
+    misses: list[str] = []
+    _bound.misses = misses
+    try:
+        with bound_resolver(resolver):
+            result = call()
+    except CacheMiss:
+        return None
+    finally:
+        _bound.misses = previous
+    return None if misses else result
 
 
 def install_spf_lookup() -> None:
@@ -76,11 +109,18 @@ def spf_lookup(
         return result
     if not _valid_name(name):
         return []  # a name DNS cannot carry has no records (RFC 7208 §4.3)
-    lifetime = min(timeout, resolver.config.timeout) if timeout > 0 else resolver.config.timeout
-    try:
-        answer = resolver.query_sync(name, qtype, lifetime=max(lifetime, 0.001))
-    except DnsTempError as exc:
-        raise spf.TempError(f"DNS {exc}") from None
+    misses: list[str] | None = getattr(_bound, "misses", None)
+    if misses is not None:  # from_cache(): a live positive cached answer, or give up
+        answer = resolver.cached(name, qtype)
+        if answer is None:
+            misses.append(name)
+            raise CacheMiss(name)
+    else:
+        lifetime = min(timeout, resolver.config.timeout) if timeout > 0 else resolver.config.timeout
+        try:
+            answer = resolver.query_sync(name, qtype, lifetime=max(lifetime, 0.001))
+        except DnsTempError as exc:
+            raise spf.TempError(f"DNS {exc}") from None
     if answer is None:
         return []
     out: list[tuple[tuple[str, str], Any]] = []

@@ -68,7 +68,7 @@ from pydantic import Field
 from mailgate.authresults import SPF, SpfResult
 from mailgate.context import Envelope, Session
 from mailgate.dns import Resolver
-from mailgate.dnsadapters import bound_resolver, install_spf_lookup
+from mailgate.dnsadapters import bound_resolver, from_cache, install_spf_lookup
 from mailgate.hookspecs import hookimpl
 from mailgate.registry import PluginConfig
 from mailgate.runtime import StartupContext
@@ -177,6 +177,14 @@ class Spf:
         loop = asyncio.get_running_loop()
         args = (self.resolver, str(session.client_ip), sender, session.helo or "")
         check = functools.partial(check_spf, *args, self.hostname, self.config.lookup_time)
+        result = from_cache(self.resolver, check)  # every record cached: no thread needed
+        if result is not None:
+            if self.decide_at_mail:
+                return self._verdict(envelope, result)
+            done: asyncio.Future[SpfResult] = loop.create_future()
+            done.set_result(result)
+            envelope.notes[self.name] = done
+            return None
         try:
             future = loop.run_in_executor(self.pool, check)
         except RuntimeError:  # a reload shut our pool; this session still runs the old policy
