@@ -19,6 +19,7 @@ report as temperror, and dkimpy only ever sees keys that were found
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -86,6 +87,7 @@ def install_spf_lookup() -> None:
         spf.DNSLookup = spf_lookup
 
 
+@functools.lru_cache(maxsize=4096)
 def _valid_name(name: str) -> bool:
     try:
         dns.name.from_text(name.rstrip(".") + ".")
