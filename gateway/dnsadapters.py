@@ -148,10 +148,8 @@ _TAG = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
 def signature_key_name(header_value: bytes) -> bytes | None:
     """``<s>._domainkey.<d>.`` from a DKIM-Signature/ARC value; None if it lacks s= or d=."""
-    tags = {
-        m.group(1).lower(): re.sub(rb"\s+", b"", m.group(2)) for m in _TAG.finditer(header_value)
-    }
-    selector, domain = tags.get(b"s"), tags.get(b"d")
+    tags = {m.group(1).lower(): m.group(2) for m in _TAG.finditer(header_value)}
+    selector, domain = (re.sub(rb"\s+", b"", tags.get(tag) or b"") for tag in (b"s", b"d"))
     if not selector or not domain:
         return None
     return selector + b"._domainkey." + domain.rstrip(b".") + b"."
