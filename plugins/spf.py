@@ -1,9 +1,12 @@
 """spf: RFC 7208 check of the envelope sender (or of HELO, for the null sender).
 
 Hooks: ``on_startup`` (binds pyspf to the gateway's resolver), ``on_mail``
-(starts the check) and ``on_data`` (records it). pyspf runs in this plugin's
-own thread pool, never on the event loop, and resolves through the shared
-resolver (absolute names, shared TTL cache; see ``mailgate.dnsadapters``).
+(starts the check) and ``on_data`` (records it). pyspf resolves through the
+shared resolver (absolute names, shared TTL cache; see
+``mailgate.dnsadapters``). When every record the check needs is in that cache
+it runs at once on the event loop (about 35 us; nothing to wait for); on any
+miss it runs in this plugin's own thread pool, where its DNS waits block a
+thread, never the event loop.
 
 The check starts at MAIL FROM. When every result only tags (the default),
 the gateway does not wait for it there: DNS runs while the client sends RCPT
