@@ -26,6 +26,8 @@ class SinkCount:
 
     messages: int
     unique: int
+    verified: int = 0
+    """Messages whose header says dkim=pass and spf=pass (see bench/sink.py)."""
 
     def check(self, sent: int) -> str | None:
         """None when exactly ``sent`` distinct messages arrived; else what went wrong."""
@@ -50,7 +52,7 @@ def sink_command(port: int, verb: str) -> str:
 def sink_count(port: int) -> SinkCount:
     """The sink's counters."""
     fields = dict(kv.split("=") for kv in sink_command(port, "XSTAT").split()[1:])
-    return SinkCount(int(fields["messages"]), int(fields["unique"]))
+    return SinkCount(int(fields["messages"]), int(fields["unique"]), int(fields.get("verified", 0)))
 
 
 def recipients(n: int, count: int, tag: str = "r") -> list[str]:

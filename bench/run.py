@@ -139,7 +139,10 @@ def load_run(
     seconds, error = gen.send(system.port, messages, rcpts, timeout=max(120.0, messages / 20))
     count = settled_count(sink_port, messages)
     cpu_ms = (system.proc.cpu_seconds() - cpu0) * 1000 / messages if system.proc else None
-    problem = "; ".join(p for p in (error, count.check(messages)) if p) or None
+    unverified = None
+    if system.verifies and count.verified != messages:
+        unverified = f"dkim=pass and spf=pass on {count.verified} of {messages} messages"
+    problem = "; ".join(p for p in (error, count.check(messages), unverified) if p) or None
     rate = None if problem else messages / seconds
     return LoadRun(system.key, workload, messages, seconds, rate, cpu_ms, problem)
 
@@ -303,7 +306,7 @@ def start_systems(
     out = [System("direct", "direct to the sink (ceiling)", sink_port)]
     mailgates = [("mg-default-w1", "default", 1), ("mg-full-w1", "full", 1)]
     if systems.supports("workers"):
-        mailgates.append(("mg-default-w2", "default", 2))
+        mailgates += [("mg-default-w2", "default", 2), ("mg-full-w2", "full", 2)]
     else:
         results.notes.append("mailgate workers: 2 not measured: this build has no `workers` key")
     servers: dict[str, str] = {}
@@ -326,7 +329,7 @@ def start_systems(
         proc = systems.start_mailgate(run_dir, key, policy.path, port)
         procs.append(proc)
         label = f"mailgate {template} policy, workers {workers}"
-        system = System(key, label, port, proc, processes=workers)
+        system = System(key, label, port, proc, processes=workers, verifies=template == "full")
         system.notes.append("plugins: " + (", ".join(policy.plugins) or "none (relay control)"))
         for name, why in policy.dropped.items():
             system.notes.append(f"not run: {name} ({why})")
@@ -342,22 +345,28 @@ def start_systems(
         results.notes.append(f"Haraka not measured: {why_not}")
     else:
         home = haraka.install(args.scratch)
-        for nodes, headers in ((0, False), (0, True), (2, False)):
+        variants = [(0, "", False), (0, "-headers", False), (2, "", False)]
+        variants += [(0, "-full", True), (2, "-full", True)]
+        for nodes, kind, full in variants:
             for nodelay in (False, True):
-                key = f"hk-n{nodes}{'-headers' if headers else ''}{'-nodelay' if nodelay else ''}"
+                key = f"hk-n{nodes}{kind}{'-nodelay' if nodelay else ''}"
                 if not wanted(key):
                     continue
                 port = free_port()
-                folder = haraka.instance(home, key, port, sink_port, nodes=nodes, headers=headers)
-                proc = haraka.start(home, folder, run_dir / f"{key}.log", nodelay=nodelay)
+                folder = haraka.instance(
+                    home, key, port, sink_port, nodes=nodes, headers=kind == "-headers", full=full
+                )
+                proc = haraka.start(
+                    home, folder, run_dir / f"{key}.log", nodelay=nodelay, dns=dns if full else None
+                )
                 procs.append(proc)
                 wait_banner(port, proc, timeout=60)
+                what = {"": "", "-headers": " + headers", "-full": " + spf, headers, dkim"}[kind]
                 label = (
-                    f"Haraka {haraka.HARAKA_VERSION} nodes {nodes}"
-                    f"{' + headers' if headers else ''}, "
+                    f"Haraka {haraka.HARAKA_VERSION} nodes {nodes}{what}, "
                     f"{'TCP_NODELAY forced' if nodelay else 'Nagle as shipped'}"
                 )
-                out.append(System(key, label, port, proc, processes=max(nodes, 1)))
+                out.append(System(key, label, port, proc, processes=max(nodes, 1), verifies=full))
     for system in out:
         results.systems[system.key] = {
             "label": system.label,
@@ -450,6 +459,7 @@ def _memory_systems(sys_list: list[System]) -> list[System]:
         if s.proc is not None
         and s.processes == 1
         and "headers" not in s.key
+        and not (s.key.startswith("hk") and "-full" in s.key)
         and not (s.key.startswith("hk") and not s.key.endswith("nodelay"))  # Nagle: same RSS
     ]
 

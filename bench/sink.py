@@ -9,7 +9,10 @@ A message is identified by its envelope recipients (the load generators make
 them unique per message), so the sink can tell lost mail from duplicated mail.
 Two extra verbs are for the bench itself, on any connection:
 
-- ``XSTAT``  -> ``250 messages=N unique=U bytes=B``
+- ``XSTAT``  -> ``250 messages=N unique=U bytes=B verified=V``, where V counts
+  the messages whose header section says both ``dkim=pass`` and ``spf=pass``
+  (an Authentication-Results header, or the bench's Haraka check header): the
+  bench's proof that a verifying system really verified
 - ``XRESET`` -> forget every count (between runs)
 
 Run: ``python -m bench.sink PORT`` (``PORT`` 0 picks one; the chosen port is
@@ -23,6 +26,8 @@ import sys
 from typing import cast
 
 _EOD = b"\r\n.\r\n"
+_HEAD_LIMIT = 16384
+"""Bytes of each message kept to look for the verification results in its header."""
 
 
 class SinkState:
@@ -31,20 +36,23 @@ class SinkState:
     def __init__(self) -> None:
         self.messages = 0
         self.bytes = 0
+        self.verified = 0
         self.ids: set[bytes] = set()
 
     def reset(self) -> None:
         """Forget everything received so far."""
         self.messages = 0
         self.bytes = 0
+        self.verified = 0
         self.ids.clear()
 
     def stat_line(self) -> bytes:
         """The ``XSTAT`` reply."""
-        return b"250 messages=%d unique=%d bytes=%d\r\n" % (
+        return b"250 messages=%d unique=%d bytes=%d verified=%d\r\n" % (
             self.messages,
             len(self.ids),
             self.bytes,
+            self.verified,
         )
 
 
@@ -58,6 +66,7 @@ class SinkProtocol(asyncio.Protocol):
         self.in_data = False
         self.tail = b""  # last bytes of DATA seen, to find a marker split across reads
         self.size = 0
+        self.head = b""  # the first bytes of the message, for its header section
         self.rcpts: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,6 +81,8 @@ class SinkProtocol(asyncio.Protocol):
         self._commands()
 
     def _data(self, data: bytes) -> None:
+        if len(self.head) < _HEAD_LIMIT and b"\r\n\r\n" not in self.head:
+            self.head += data[:_HEAD_LIMIT]
         window = self.tail + data
         end = window.find(_EOD)
         if end < 0:
@@ -85,6 +96,10 @@ class SinkProtocol(asyncio.Protocol):
         state.messages += 1
         state.bytes += self.size
         state.ids.add(b" ".join(self.rcpts))
+        header = self.head.partition(b"\r\n\r\n")[0].lower()
+        if b"dkim=pass" in header and b"spf=pass" in header:
+            state.verified += 1
+        self.head = b""
         assert self.transport is not None
         self.transport.write(b"250 2.0.0 Ok: queued\r\n")
         self.rcpts = []
@@ -112,6 +127,7 @@ class SinkProtocol(asyncio.Protocol):
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 self.in_data = True
                 self.size = 0
+                self.head = b""
                 self.tail = b"\r\n"  # the marker may come first: an empty message
                 data, self.buf = self.buf, b""
                 transport.write(b"".join(out))

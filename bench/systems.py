@@ -30,6 +30,8 @@ class System:
     """None for the direct run (the load goes straight to the sink)."""
     processes: int = 1
     notes: list[str] = field(default_factory=list)
+    verifies: bool = False
+    """Checks SPF and DKIM: every message must reach the sink with dkim=pass and spf=pass."""
 
 
 def start_sink(scratch: Path) -> tuple[Proc, int]:
@@ -83,7 +85,8 @@ def compose_policy(
     from mailgate.runtime import Runtime
     from mailgate.yamlsource import SourceError
 
-    data: dict[str, Any] = yaml.safe_load((POLICIES / f"{template}.yaml").read_text())
+    source = Path(template) if template.endswith(".yaml") else POLICIES / f"{template}.yaml"
+    data: dict[str, Any] = yaml.safe_load(source.read_text())
     data["listen"] = [{"address": f"127.0.0.1:{port}"}]
     data["upstream"]["url"] = f"smtp://127.0.0.1:{sink_port}"
     data["dns"] = {"nameservers": [dns]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
+import re
 import time
 from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
@@ -96,6 +97,46 @@ class Envelope:
         return self.sender.rpartition("@")[2].lower() if "@" in self.sender else ""
 
 
+_FIELD_LINE = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+"""A line that starts a header field for ``email``'s parser, with a non-empty name."""
+
+
+def _simple_fields(header: bytes) -> tuple[tuple[str, str], ...] | None:
+    """The header fields as ``email`` (compat32) parses them, for a plain header section.
+
+    Plain: ASCII, every line ending CRLF (no lone CR or LF), every line a field
+    (``name:`` with a non-empty name of printable characters) or a continuation
+    of one. None for anything else, which :attr:`Message.headers` leaves to the
+    ``email`` parser itself. Each value is made as compat32's
+    ``header_source_parse`` makes it: the text after the first colon with the
+    leading blanks removed, the continuation lines with their CRLFs, and the
+    trailing CRs and LFs removed.
+    """
+    if not header.isascii():
+        return None
+    crlf = header.count(b"\r\n")
+    if header.count(b"\n") != crlf or header.count(b"\r") != crlf:
+        return None
+    lines = header.decode("ascii").split("\r\n")
+    fields: list[tuple[str, list[str]]] = []
+    for number, line in enumerate(lines):
+        if not line:
+            if number < len(lines) - 1:  # the blank line that ends the section
+                break
+            continue  # after the last CRLF
+        ending = "\r\n" if number < len(lines) - 1 else ""
+        if line[0] in " \t":
+            if not fields:
+                return None
+            fields[-1][1].append(line + ending)
+        elif _FIELD_LINE.match(line):
+            name, _, value = line.partition(":")
+            fields.append((name, [(value + ending).lstrip(" \t")]))
+        else:
+            return None
+    return tuple((name, "".join(parts).rstrip("\r\n")) for name, parts in fields)
+
+
 class Message:
     """The message as received at end of DATA: raw bytes, with CRLF line endings.
 
@@ -105,14 +146,18 @@ class Message:
     any header fields an enforced verdict asked to strip (``mailgate.rewrite``);
     every other byte, the body included, goes upstream as it is here.
     ``parsed`` is a lazily built header-only view from Python's ``email``
-    package, for convenience.
+    package, for convenience; ``headers`` (and ``get_all``, which reads it)
+    gives the same fields and values, parsed once per message for every plugin,
+    without the ``email`` parser when the header section is plain (ASCII, CRLF,
+    nothing but fields).
     """
 
-    __slots__ = ("_parsed", "raw")
+    __slots__ = ("_headers", "_parsed", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._parsed: EmailMessage | None = None
+        self._headers: tuple[tuple[str, str], ...] | None = None
 
     @property
     def header_bytes(self) -> bytes:
@@ -134,9 +179,24 @@ class Message:
             self._parsed = parser.parsebytes(self.header_bytes)
         return self._parsed
 
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Every header field as ``(name, value)``, in order: what ``parsed`` holds, as text.
+
+        Parsed once per message (the first plugin to ask pays). Values are as
+        ``email``'s compat32 policy gives them: folds kept, no leading blanks.
+        """
+        if self._headers is None:
+            fields = _simple_fields(self.header_bytes)
+            if fields is None:
+                fields = tuple((name, str(value)) for name, value in self.parsed.items())
+            self._headers = fields
+        return self._headers
+
     def get_all(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in order."""
-        return [str(v) for v in self.parsed.get_all(name, [])]
+        wanted = name.lower()
+        return [value for field, value in self.headers if field.lower() == wanted]
 
     def __len__(self) -> int:
         return len(self.raw)

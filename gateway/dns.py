@@ -14,9 +14,12 @@ failure of the thing being checked.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -54,6 +57,7 @@ class Resolver:
     def __init__(self, config: DnsConfig) -> None:
         self.config = config
         self.cache = dns.resolver.LRUCache(max(config.cache_size, 1))
+        self._keys: dict[tuple[str, str], tuple[dns.name.Name, Any, Any]] = {}
         # configure=False when nameservers are given: do not read resolv.conf at all.
         configure = not config.nameservers
         self._async = dns.asyncresolver.Resolver(configure=configure)
@@ -61,8 +65,31 @@ class Resolver:
         for resolver in (self._async, self._sync):
             _configure(resolver, config, self.cache)
 
+    def cached(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The cached answer with records for ``name``/``rdtype``, as dnspython would return it.
+
+        dnspython answers a cache hit only after parsing the name and setting up
+        a resolution (about 10 us); the cache key is kept here per (name, type).
+        Anything but a live positive answer (a miss, an expired or negative
+        entry, a name dnspython refuses) is left to dnspython.
+        """
+        key = self._keys.get((name, rdtype))
+        if key is None:
+            try:
+                key = (_absolute(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+            except dns.exception.DNSException:
+                return None
+            if len(self._keys) >= 4096:
+                self._keys.clear()
+            self._keys[name, rdtype] = key
+        answer = self.cache.get(key)
+        return answer if answer is not None and answer.rrset is not None else None
+
     async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """Look up ``name``/``rdtype``; None for NXDOMAIN or no such record."""
+        cached = self.cached(name, rdtype)
+        if cached is not None:
+            return cached
         try:
             return await self._async.resolve(_absolute(name), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -79,6 +106,9 @@ class Resolver:
         ``lifetime`` caps this lookup below the configured timeout (a caller
         with a budget for several lookups, such as an SPF check, passes what is left).
         """
+        cached = self.cached(name, rdtype)
+        if cached is not None:
+            return cached
         try:
             return self._sync.resolve(_absolute(name), rdtype, search=False, lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

@@ -19,11 +19,12 @@ report as temperror, and dkimpy only ever sees keys that were found
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.name
@@ -47,12 +48,46 @@ def bound_resolver(resolver: Resolver) -> Iterator[None]:
         _bound.resolver = previous
 
 
+class CacheMiss(BaseException):
+    """A lookup :func:`from_cache` could not answer from the cache.
+
+    A ``BaseException``, so that ``except Exception`` in the SPF check (or a
+    bare ``except`` in pyspf) does not turn it into an SPF result; a miss is
+    also recorded, so one that pyspf swallows still voids the attempt.
+    """
+
+
+T = TypeVar("T")
+
+
+def from_cache(resolver: Resolver, call: Callable[[], T]) -> T | None:
+    """``call()`` (which looks up through :func:`spf_lookup`) answered from the cache alone.
+
+    None when any lookup was not a live positive answer in ``resolver``'s cache:
+    then nothing was sent and the caller runs the real thing (in a thread). This
+    lets a check whose records are all cached run on the event loop, without the
+    thread hand-off (about 70 us of CPU for a 35 us check).
+    """
+    previous = getattr(_bound, "misses", None)
+    misses: list[str] = []
+    _bound.misses = misses
+    try:
+        with bound_resolver(resolver):
+            result = call()
+    except CacheMiss:
+        return None
+    finally:
+        _bound.misses = previous
+    return None if misses else result
+
+
 def install_spf_lookup() -> None:
     """Point pyspf's ``DNSLookup`` at :func:`spf_lookup` (idempotent, process-wide)."""
     with _install_lock:
         spf.DNSLookup = spf_lookup
 
 
+@functools.lru_cache(maxsize=4096)
 def _valid_name(name: str) -> bool:
     try:
         dns.name.from_text(name.rstrip(".") + ".")
@@ -76,11 +111,18 @@ def spf_lookup(
         return result
     if not _valid_name(name):
         return []  # a name DNS cannot carry has no records (RFC 7208 §4.3)
-    lifetime = min(timeout, resolver.config.timeout) if timeout > 0 else resolver.config.timeout
-    try:
-        answer = resolver.query_sync(name, qtype, lifetime=max(lifetime, 0.001))
-    except DnsTempError as exc:
-        raise spf.TempError(f"DNS {exc}") from None
+    misses: list[str] | None = getattr(_bound, "misses", None)
+    if misses is not None:  # from_cache(): a live positive cached answer, or give up
+        answer = resolver.cached(name, qtype)
+        if answer is None:
+            misses.append(name)
+            raise CacheMiss(name)
+    else:
+        lifetime = min(timeout, resolver.config.timeout) if timeout > 0 else resolver.config.timeout
+        try:
+            answer = resolver.query_sync(name, qtype, lifetime=max(lifetime, 0.001))
+        except DnsTempError as exc:
+            raise spf.TempError(f"DNS {exc}") from None
     if answer is None:
         return []
     out: list[tuple[tuple[str, str], Any]] = []
@@ -106,10 +148,8 @@ _TAG = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
 def signature_key_name(header_value: bytes) -> bytes | None:
     """``<s>._domainkey.<d>.`` from a DKIM-Signature/ARC value; None if it lacks s= or d=."""
-    tags = {
-        m.group(1).lower(): re.sub(rb"\s+", b"", m.group(2)) for m in _TAG.finditer(header_value)
-    }
-    selector, domain = tags.get(b"s"), tags.get(b"d")
+    tags = {m.group(1).lower(): m.group(2) for m in _TAG.finditer(header_value)}
+    selector, domain = (re.sub(rb"\s+", b"", tags.get(tag) or b"") for tag in (b"s", b"d"))
     if not selector or not domain:
         return None
     return selector + b"._domainkey." + domain.rstrip(b".") + b"."
@@ -129,6 +169,8 @@ async def _fetch(resolver: Resolver, name: bytes) -> KeyRecord:
 async def fetch_keys(resolver: Resolver, names: Iterable[bytes]) -> dict[bytes, KeyRecord]:
     """Look up every key record in ``names`` at once."""
     unique = list(dict.fromkeys(n.lower() for n in names))
+    if len(unique) == 1:  # the usual case: no task to create and schedule
+        return {unique[0]: await _fetch(resolver, unique[0])}
     found = await asyncio.gather(*(_fetch(resolver, n) for n in unique))
     return dict(zip(unique, found, strict=True))
 

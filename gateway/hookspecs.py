@@ -133,8 +133,9 @@ def on_data(session: Session, envelope: Envelope, message: Message) -> StageResu
     :param message: the message as received: ``message.raw`` (CRLF line
         endings, bare CR/LF already refused or normalised); what is relayed is
         ``raw`` with ``Received:`` and added headers on top, less any header
-        fields a verdict strips. ``message.get_all(name)`` and
-        ``message.parsed`` read its header fields.
+        fields a verdict strips. ``message.headers`` (the ``(name, value)``
+        pairs, parsed once per message for every plugin), ``message.get_all(name)``
+        and ``message.parsed`` read its header fields.
     :return: a reject or tempfail refuses the message for every recipient; tags
         add score and headers, and may name header fields to remove from the
         relayed message (``Verdict.tag(..., strip=[HeaderStrip(name, match)])``,

@@ -16,9 +16,11 @@ temperror      the key lookup timed out or failed (SERVFAIL): never a fail
 
 Keys are fetched first, all at once, through the shared resolver (async, TTL
 cache); dkimpy then verifies against those keys without touching the network,
-so a DNS failure can never be read as a bad signature. Verification is CPU
-work (about 0.6 ms for 10 KB): it runs on the event loop for messages up to
-256 KB and in a worker thread above that.
+so a DNS failure can never be read as a bad signature. Verification is dkimpy's,
+with the RSA signature step in OpenSSL (``mailgate.plugins._dkimverify``:
+0.12 ms for a 4 KB message with RSA-2048, against dkimpy's 0.44 ms; a
+differential test holds the two to the same answers). It runs on the event
+loop for messages up to 256 KB and in a worker thread above that.
 
 For a client in ``trusted_networks`` nothing is verified; if the From domain
 (or a parent of it) is listed under ``sign``, the message is signed with that
@@ -61,6 +63,7 @@ the message is not signed).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import email.utils
 import logging
 import re
@@ -88,6 +91,7 @@ from mailgate import (
 )
 from mailgate.authresults import DKIM, DkimResult
 from mailgate.dnsadapters import KeyRecord, fetch_keys, signature_key_name
+from mailgate.plugins._dkimverify import FastDKIM, evaluate_key
 
 log = logging.getLogger("mailgate.plugins.dkim")
 
@@ -166,7 +170,9 @@ def verify_signature(
     if key is None:
         return result("permerror", "no key")
     try:
-        dkim.evaluate_pk(b"", key)
+        evaluate_key(b"", key)
+    except binascii.Error as exc:  # dkimpy lets a bad base64 p= through
+        return result("permerror", f"could not parse the public key: {exc}"[:80])
     except dkim.DKIMException as exc:
         return result("permerror", "revoked key" if re.search(rb"p=\s*(;|$)", key) else str(exc))
     fetched: bytes = key
@@ -189,6 +195,28 @@ def verify_signature(
         )
         return result("neutral", f"cannot verify: {type(exc).__name__}")
     return result("pass") if ok else result("fail", "signature did not verify")
+
+
+def verify_all(
+    raw: bytes,
+    values: list[bytes],
+    names: list[bytes | None],
+    keys: dict[bytes, KeyRecord],
+    verifier_class: type[dkim.DKIM] = FastDKIM,
+) -> tuple[DkimResult, ...]:
+    """Verify the signatures whose header values are ``values``, top first, with fetched keys.
+
+    ``verifier_class`` is dkimpy's ``DKIM`` or :class:`FastDKIM` (the default:
+    the same answers, the RSA step in OpenSSL); the differential test runs both.
+    """
+    try:
+        verifier: dkim.DKIM | None = verifier_class(raw, minkey=1024)
+    except dkim.DKIMException:  # e.g. a header line without a colon
+        verifier = None
+    return tuple(
+        verify_signature(verifier, i, _tags(v), keys.get(n.lower()) if n else None)
+        for i, (v, n) in enumerate(zip(values, names, strict=True))
+    )
 
 
 class Dkim:
@@ -243,19 +271,9 @@ class Dkim:
         names = [signature_key_name(v) for v in values]
         keys = await fetch_keys(self.resolver, [n for n in names if n])
 
-        def run() -> tuple[DkimResult, ...]:
-            try:
-                verifier: dkim.DKIM | None = dkim.DKIM(message.raw, minkey=1024)
-            except dkim.DKIMException:  # e.g. a header line without a colon
-                verifier = None
-            return tuple(
-                verify_signature(verifier, i, _tags(v), keys.get(n.lower()) if n else None)
-                for i, (v, n) in enumerate(zip(values, names, strict=True))
-            )
-
         if len(message.raw) > THREAD_ABOVE:
-            return await asyncio.to_thread(run)
-        return run()
+            return await asyncio.to_thread(verify_all, message.raw, values, names, keys)
+        return verify_all(message.raw, values, names, keys)
 
     def _verdict(self, results: tuple[DkimResult, ...]) -> Verdict | None:
         if not results:

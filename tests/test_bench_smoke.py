@@ -107,3 +107,36 @@ def test_a_lost_message_makes_the_run_invalid(sink, tmp_path):
         gateway.stop()
     assert run.rate is None
     assert run.error is not None and "5 lost" in run.error
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_a_full_policy_run_is_valid_only_when_every_message_passes_dkim_and_spf(
+    sink, tmp_path, with_key
+):
+    from tests.dnsserver import LoopbackDnsServer
+
+    _, sink_port = sink
+    msg = message.build(tmp_path)
+    dns = LoopbackDnsServer()
+    for name, rtype, value in msg.dns_records:
+        if with_key or "_domainkey" not in name:
+            dns.add(name, rtype, value)
+    port = free_port()
+    policy = compose_policy(
+        "full", tmp_path / "full.yaml", port=port, sink_port=sink_port, dns=dns.address,
+        workers=1,
+    )  # fmt: skip
+    gateway = start_mailgate(tmp_path, "mg-full", policy.path, port)
+    try:
+        gen = LoadGenerator("asyncio", tmp_path / "unused.txt", msg.data, concurrency=2)
+        system = System("mg-full", "mailgate full", port, gateway, verifies=True)
+        run = load_run(system, "1 rcpt", 10, gen, sink_port)
+    finally:
+        gateway.stop()
+        dns.stop()
+    assert {"spf", "dkim", "dmarc"} <= set(policy.plugins)
+    if with_key:
+        assert run.error is None and run.rate is not None
+    else:  # delivered (SPF aligns for DMARC), but DKIM did not pass: not a valid run
+        assert run.rate is None
+        assert run.error == "dkim=pass and spf=pass on 0 of 10 messages"

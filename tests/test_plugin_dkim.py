@@ -86,6 +86,16 @@ def test_revoked_key_is_permerror(make_gateway, dns_server, upstream):
     assert clause.startswith("dkim=permerror (revoked key)")
 
 
+def test_key_with_bad_base64_is_permerror_not_a_plugin_error(make_gateway, dns_server, upstream):
+    # dkimpy lets binascii.Error out of its key parser: it was a 451 from the stage
+    record = rsa_key().record
+    dns_server.add("sel._domainkey.example.net", "TXT", record[: record.index("p=") + 47])
+    gw = dkim_gateway(make_gateway, dns_server)
+    send(gw, sign(make_message(), "example.net"))
+    [clause] = dkim_clauses(upstream)
+    assert clause.startswith("dkim=permerror (could not parse the public key")
+
+
 def test_dns_timeout_is_temperror_not_fail(make_gateway, dns_server, upstream, decisions):
     dns_server.timeout("sel._domainkey.example.net")
     gw = dkim_gateway(make_gateway, dns_server)
