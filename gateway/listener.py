@@ -55,7 +55,7 @@ def protocol_factory(
 async def start_listeners(get_runtime: Callable[[], Runtime]) -> list[asyncio.Server]:
     """Open one server per ``listen:`` entry of the current policy."""
     loop = asyncio.get_running_loop()
-    servers = []
+    servers: list[asyncio.Server] = []
     counter = ConnectionCounter()
     for listener in get_runtime().policy.listen:
         host, port = listener.host_port
