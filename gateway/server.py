@@ -62,15 +62,19 @@ class Gateway:
         """
         tune_allocator()  # message buffers mapped on their own, given back when freed
         await self.current.start()
-        self.servers = await start_listeners(lambda: self.current)
-        if address := self.current.policy.metrics:
-            try:
-                await self.metrics_server.start(address, spread=self.current.policy.workers)
-            except OSError as exc:
-                for server in self.servers:
-                    server.close()
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise ListenError(f"cannot serve metrics on {address}: {why}") from None
+        try:
+            self.servers = await start_listeners(lambda: self.current)
+            if address := self.current.policy.metrics:
+                try:
+                    await self.metrics_server.start(address, spread=self.current.policy.workers)
+                except OSError as exc:
+                    for server in self.servers:
+                        server.close()
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise ListenError(f"cannot serve metrics on {address}: {why}") from None
+        except ListenError:
+            await self.current.stop()  # the plugins and the queue were started: stop them
+            raise
         self.metrics.policy_loaded_now()
 
     @property

@@ -196,6 +196,26 @@ def test_the_queue_delivers_ascii_smtputf8_mail_to_an_upstream_without_it(
     assert plain.mail_options == [["BODY=8BITMIME"]]  # not SMTPUTF8
 
 
+def test_the_queue_drops_spooled_utf8_headers_for_an_upstream_without_smtputf8(
+    make_gateway, plain, tmp_path, caplog
+):
+    caplog.set_level("INFO", logger="mailgate")
+    spool = tmp_path / "spool"
+    queue = {"directory": str(spool), "handoff_timeout": 0, "retry_min": "1s"}
+    gw = make_gateway(upstream=plain.url, delivery="queue", queue=queue)
+    replies = deliver(gw.port, b"MAIL FROM:<alice@example.net> SMTPUTF8", UTF8_HEADERS)
+    assert replies[-1][0] == 250  # spooled first, without lockstep
+
+    def bounced() -> bool:
+        return any("outcome=bounced" in r.getMessage() for r in caplog.records)
+
+    assert wait_until(bounced, 20)
+    [line] = [r.getMessage() for r in caplog.records if "outcome=bounced" in r.getMessage()]
+    assert "554 5.6.7" in line
+    assert plain.messages == [] and plain.rsets >= 1
+    assert wait_until(lambda: not list((spool / "queue").glob("*.env")), 10)
+
+
 def test_queue_lockstep_refuses_a_non_ascii_sender_and_spools_nothing(
     make_gateway, plain, tmp_path
 ):
@@ -203,7 +223,8 @@ def test_queue_lockstep_refuses_a_non_ascii_sender_and_spools_nothing(
     gw = make_gateway(upstream=plain.url, delivery="queue", queue={"directory": str(spool)})
     [(code, text)] = deliver(gw.port, "MAIL FROM:<élise@example.net> SMTPUTF8".encode())
     assert (code, text[:5]) == (553, b"5.6.7")
-    assert not list((spool / "queue").glob("*.env")) if (spool / "queue").exists() else True
+    assert plain.mail_commands == 0
+    assert not list((spool / "queue").glob("*.env"))  # nothing spooled
 
 
 # ------------------------------------------------------------------ 2: HELO names
