@@ -30,6 +30,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from mailgate import policytest
+from mailgate.listener import ListenError
 from mailgate.logformat import configure_logging
 from mailgate.pidfile import PidFileError, read_pid, remove_pid, write_pid
 from mailgate.policy import Logging
@@ -41,6 +42,8 @@ from mailgate.yamlsource import SourceError
 
 DEFAULT_POLICY = "policies/default.yaml"
 EXIT_BAD_POLICY = 2
+EXIT_CANNOT_LISTEN = 1
+"""``run``: a listen (or metrics) address could not be opened, e.g. already in use."""
 
 
 def _load(path: str) -> Runtime | None:
@@ -143,17 +146,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         await gateway.serve()
 
     if runtime.policy.workers > 1:
-        from mailgate.workers import supervise
+        from mailgate.workers import probe_listen, supervise
+
+        problem = probe_listen([listener.host_port for listener in runtime.policy.listen])
+        if problem is not None:
+            print(f"mailgate: {problem}", file=sys.stderr)
+            return EXIT_CANNOT_LISTEN
 
         def worker() -> int:
             fresh = _load(args.config)  # each worker, and each restart, reads the file again
             if fresh is None:
                 return EXIT_BAD_POLICY
-            _run_loop(main(fresh))
-            return 0
+            return _serve(main(fresh))
 
         return supervise(runtime.policy.workers, worker, runtime.policy.state.url)
-    _run_loop(main(runtime))
+    return _serve(main(runtime))
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> int:
+    """Run the gateway until it stops; a socket it cannot open is one line and exit 1."""
+    try:
+        _run_loop(main)
+    except ListenError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
     return 0
 
 

@@ -90,6 +90,9 @@ class Envelope:
     """Per-transaction scratch space for plugins, keyed by plugin name."""
     log_fields: dict[str, str] = field(default_factory=dict)
     """Extra ``key=value`` fields for the decision line (a scanner's score and symbols)."""
+    kept: str = ""
+    """``queued`` or ``held`` once the gateway's own spool took the message (its 250 is
+    ours, not the upstream's); empty otherwise."""
 
     @property
     def sender_domain(self) -> str:

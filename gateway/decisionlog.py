@@ -35,11 +35,17 @@ def emit_fields(fields: list[tuple[str, object]]) -> None:
     log.info("%s", format_fields(fields), extra={"fields": decision})
 
 
-def outcome_of(stage: str, reply: Reply | None) -> str:
-    """delivered (2xx at DATA), accepted (2xx earlier), rejected, tempfailed or aborted."""
+def outcome_of(stage: str, reply: Reply | None, kept: str = "") -> str:
+    """delivered (2xx at DATA), accepted (2xx earlier), rejected, tempfailed or aborted.
+
+    A 2xx for a message our own spool ``kept`` is that instead: ``queued`` (queue
+    mode, the upstream did not take it now) or ``held`` (quarantine).
+    """
     if reply is None:
         return "aborted"
     if reply.positive:
+        if kept:
+            return kept
         return "delivered" if stage == "data" else "accepted"
     return "tempfailed" if reply.transient else "rejected"
 
@@ -74,7 +80,7 @@ def log_transaction(
         ("verdicts", _verdicts(envelope.card.verdicts)),
         ("score", float(envelope.card.score)),
         *envelope.log_fields.items(),
-        ("outcome", outcome_of(stage, reply)),
+        ("outcome", outcome_of(stage, reply, envelope.kept)),
         ("stage", stage),
         ("reply", str(reply) if reply else "-"),
         ("upstream", str(upstream) if upstream else "-"),

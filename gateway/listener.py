@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Callable
 
@@ -15,6 +16,15 @@ from mailgate.smtpserver import SmtpServer
 from mailgate.tls import server_context
 
 log = logging.getLogger("mailgate.listener")
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message names the address."""
+
+
+def address_text(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def protocol_factory(
@@ -45,19 +55,25 @@ def protocol_factory(
 async def start_listeners(get_runtime: Callable[[], Runtime]) -> list[asyncio.Server]:
     """Open one server per ``listen:`` entry of the current policy."""
     loop = asyncio.get_running_loop()
-    servers = []
+    servers: list[asyncio.Server] = []
     counter = ConnectionCounter()
     for listener in get_runtime().policy.listen:
         host, port = listener.host_port
         context = server_context(**dict(listener.starttls)) if listener.starttls else None
-        server = await loop.create_server(
-            protocol_factory(get_runtime, listener, context, counter),
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=get_runtime().policy.workers > 1,  # workers share the port (SO_REUSEPORT)
-            ssl=context if listener.tls == "implicit" else None,
-        )
+        try:
+            server = await loop.create_server(
+                protocol_factory(get_runtime, listener, context, counter),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=get_runtime().policy.workers > 1,  # workers share it (SO_REUSEPORT)
+                ssl=context if listener.tls == "implicit" else None,
+            )
+        except OSError as exc:
+            for opened in servers:
+                opened.close()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {address_text(host, port)}: {why}") from None
         servers.append(server)
         for sock in server.sockets:
             log.info("listening on address=%s port=%s", *sock.getsockname()[:2])

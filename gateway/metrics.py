@@ -22,7 +22,8 @@ metric                                          labels
 ``mailgate_connections_current``                (gauge) open client connections
 ``mailgate_connections_total``                  connections accepted
 ``mailgate_transactions_total``                 ``outcome`` (delivered, rejected,
-                                                tempfailed, aborted, accepted), ``stage``
+                                                tempfailed, aborted, accepted; queued,
+                                                held: 250 from our spool), ``stage``
 ``mailgate_verdicts_total``                     ``plugin``, ``rule``, ``action``, ``mode``
                                                 (``enforce``, or ``monitor``: would have)
 ``mailgate_ratelimit_hits_total``               ``rule``, ``mode``: verdicts whose rule id
@@ -30,7 +31,8 @@ metric                                          labels
 ``mailgate_plugin_errors_total``                ``plugin``, ``hook``, ``kind`` (error,
                                                 timeout, bad_result)
 ``mailgate_upstream_replies_total``             ``command`` (mail, rcpt, data), ``class``
-                                                (2xx, 4xx, 5xx)
+                                                (2xx, 4xx, 5xx): what the upstream said
+                                                (never queue mode's own 250s)
 ``mailgate_stage_duration_seconds``             (histogram) ``stage``: one hook, every plugin
 ``mailgate_plugin_duration_seconds``            (histogram) ``plugin``, ``hook``: one plugin's
                                                 hook call (failures and timeouts included)
@@ -118,6 +120,8 @@ KNOWN_TRANSACTIONS = (
     ("tempfailed", "data"),
     ("aborted", "reset"),
     ("aborted", "disconnect"),
+    ("queued", "data"),
+    ("held", "data"),
 )
 """(outcome, stage) pairs every gateway sees; others appear when they first happen."""
 
@@ -344,7 +348,7 @@ class Metrics(Observer):
     def transaction_done(
         self, session: Session, envelope: Envelope, stage: str, reply: Reply | None
     ) -> None:
-        self._transaction(outcome_of(stage, reply), stage).inc()
+        self._transaction(outcome_of(stage, reply, envelope.kept), stage).inc()
         # Every verdict of the transaction: its stages' and the core's (score thresholds,
         # line endings), which no stage hook reports.
         self._count(envelope.card.verdicts)

@@ -25,7 +25,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import aiosmtplib
@@ -44,6 +44,9 @@ TIMED_OUT = Reply(451, "Upstream server timed out, try again later", "4.4.2")
 BROKEN = Reply(451, "Upstream connection failed, try again later", "4.4.2")
 IDENTITY_REFUSED = Reply(451, "Upstream refused the client identity, try again later", "4.3.0")
 MALFORMED = Reply(451, "Upstream sent a malformed reply, try again later", "4.4.2")
+NO_SMTPUTF8_ADDRESS = Reply(553, "Upstream cannot take a non-ASCII address (no SMTPUTF8)", "5.6.7")
+NO_SMTPUTF8_MESSAGE = Reply(554, "Upstream cannot take non-ASCII headers (no SMTPUTF8)", "5.6.7")
+NO_8BITMIME = Reply(554, "Upstream cannot take 8-bit data (no 8BITMIME)", "5.6.3")
 
 # RFC 5321 §4.2: three digits, the first 2-5, then SP or "-" and text, or nothing at all.
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\n]*)?\r?\n")
@@ -202,6 +205,43 @@ def _failure(exc: BaseException) -> Reply:
     raise exc
 
 
+def mail_parameters(options: list[str], offered: Mapping[str, str]) -> list[bytes]:
+    """The MAIL parameters to send: those of ``options`` whose extension is ``offered``.
+
+    ``offered`` is the upstream's EHLO keywords, lower-cased (aiosmtplib's
+    ``esmtp_extensions``). ``SMTPUTF8`` goes only with ``smtputf8`` (RFC 6531),
+    ``BODY=`` only with ``8bitmime`` (RFC 6152). A client's SMTPUTF8 implies 8-bit
+    content, so an upstream with 8BITMIME but not SMTPUTF8 gets ``BODY=8BITMIME``.
+    """
+    params: list[str] = []
+    if "SMTPUTF8" in options and "smtputf8" in offered:
+        params.append("SMTPUTF8")
+    if "8bitmime" in offered:
+        body = [o for o in options if o.startswith("BODY=")]
+        if not body and "SMTPUTF8" in options and "smtputf8" not in offered:
+            body = ["BODY=8BITMIME"]
+        params += body
+    return [p.encode("ascii") for p in params]
+
+
+def content_refusal(message: bytes, options: list[str], offered: Mapping[str, str]) -> Reply | None:
+    """Why the upstream (``offered``: its EHLO keywords) cannot take ``message``, or None.
+
+    Non-ASCII header fields of an SMTPUTF8 message need an upstream with SMTPUTF8
+    (``554 5.6.7``, RFC 6531 §3.4); 8-bit data declared as such (``BODY=8BITMIME``
+    or SMTPUTF8) needs one with 8BITMIME (``554 5.6.3``, RFC 6152 §3). Mail the
+    client did not declare 8-bit is relayed as it came. No downgrade is attempted.
+    """
+    utf8, eight_bit = "SMTPUTF8" in options, "BODY=8BITMIME" in options
+    if utf8 and "smtputf8" not in offered:
+        end = message.find(b"\r\n\r\n")
+        if not (message if end < 0 else message[:end]).isascii():
+            return NO_SMTPUTF8_MESSAGE
+    if (utf8 or eight_bit) and "8bitmime" not in offered and not message.isascii():
+        return NO_8BITMIME
+    return None
+
+
 class _Server:
     """One upstream server and its health mark."""
 
@@ -280,6 +320,7 @@ class SmtpUpstream:
                 start_tls=start_tls,
                 tls_context=self._tls_context,
             )
+            started = time.monotonic()
             try:
                 await client.connect()
                 strict_replies(client)
@@ -287,11 +328,16 @@ class SmtpUpstream:
                     await client.ehlo()
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
-                if server.down_until <= time.monotonic():
-                    log.warning("upstream marked down: server=%s error=%s", server, exc)
-                server.down_until = time.monotonic() + self.config.down_for
+                self._mark_down(server, exc)
                 error = exc
                 continue
+            except asyncio.CancelledError:
+                # Our own budget ran out (queue mode's handoff_timeout) or the client left
+                # before the server greeted and answered EHLO: never leave the socket open.
+                client.close()
+                waited = time.monotonic() - started
+                self._mark_down(server, f"no greeting or EHLO reply after {waited:.1f}s")
+                raise
             if server.down_until:
                 log.info("upstream is up again: server=%s", server)
                 server.down_until = 0.0
@@ -299,6 +345,12 @@ class SmtpUpstream:
             return _Connection(client, server)
         assert error is not None
         raise error
+
+    def _mark_down(self, server: _Server, error: object) -> None:
+        """Skip ``server`` for ``down_for`` (logged when it was up)."""
+        if server.down_until <= time.monotonic():
+            log.warning("upstream marked down: server=%s error=%s", server, error)
+        server.down_until = time.monotonic() + self.config.down_for
 
     async def checkout(self, identity: ClientIdentity | None = None) -> tuple[_Connection, bool]:
         """An open connection and whether it was reused from the pool.
@@ -390,6 +442,8 @@ class SmtpTransaction:
         self.upstream = upstream
         self.identity = identity
         self.conn: _Connection | None = None
+        self.options: list[str] = []
+        """The client's MAIL parameters (what the message may need of the upstream)."""
 
     def _release(self, clean: bool) -> None:
         conn, self.conn = self.conn, None
@@ -400,7 +454,14 @@ class SmtpTransaction:
                 self.upstream.discard(conn)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
-        """Check out a connection and send MAIL FROM (retrying once on a stale pooled one)."""
+        """Check out a connection and send MAIL FROM (retrying once on a stale pooled one).
+
+        ``options`` are the client's MAIL parameters (``SMTPUTF8``, ``BODY=``); each
+        goes upstream only if the upstream's EHLO offered its extension (see
+        :func:`mail_parameters`). A non-ASCII sender to an upstream without SMTPUTF8
+        gets ``553 5.6.7`` and nothing is sent (RFC 6531 §3.4).
+        """
+        self.options = list(options)
         for _attempt in range(2):
             try:
                 conn, reused = await self.upstream.checkout(self.identity)
@@ -409,11 +470,14 @@ class SmtpTransaction:
                 log.warning("upstream unavailable: servers=%s error=%s", servers, exc)
                 return UNAVAILABLE
             self.conn = conn
-            encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-            args = [o.encode("ascii") for o in options]
             try:
                 await self.upstream.announce(conn, self.identity)
-                path = _path(b"FROM:", sender, encoding)
+                if not sender.isascii() and not conn.client.supports_extension("smtputf8"):
+                    log.info("upstream does not offer SMTPUTF8: server=%s", conn.server)
+                    self._release(clean=True)  # nothing was sent: the connection is clean
+                    return NO_SMTPUTF8_ADDRESS
+                args = mail_parameters(options, conn.client.esmtp_extensions)
+                path = _path(b"FROM:", sender, "utf-8")
                 response = await conn.client.execute_command(b"MAIL", path, *args)
             except aiosmtplib.SMTPServerDisconnected:
                 self._release(clean=False)
@@ -436,10 +500,11 @@ class SmtpTransaction:
         """Forward one RCPT TO and return the upstream's reply to it."""
         if self.conn is None:
             return BROKEN
-        encoding = "utf-8" if not recipient.isascii() else "ascii"
+        if not recipient.isascii() and not self.conn.client.supports_extension("smtputf8"):
+            return NO_SMTPUTF8_ADDRESS  # the transaction goes on for the other recipients
         try:
             response = await self.conn.client.execute_command(
-                b"RCPT", _path(b"TO:", recipient, encoding)
+                b"RCPT", _path(b"TO:", recipient, "utf-8")
             )
         except BaseException as exc:
             self._release(clean=False)
@@ -453,6 +518,13 @@ class SmtpTransaction:
         if self.conn is None:
             return BROKEN
         client = self.conn.client
+        refusal = content_refusal(message, self.options, client.esmtp_extensions)
+        if refusal is not None:
+            log.info(
+                "upstream cannot take the message: server=%s reply=%s", self.conn.server, refusal
+            )
+            await self.reset()
+            return refusal
         try:
             start = await client.execute_command(b"DATA")
             if start.code != 354:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 from mailgate.admission import tune_allocator
-from mailgate.listener import start_listeners
+from mailgate.listener import ListenError, start_listeners
 from mailgate.logformat import configure_logging
 from mailgate.metrics import Metrics, MetricsServer
 from mailgate.reload import changed_keys, load_off_loop, restart_only
@@ -54,14 +55,26 @@ class Gateway:
             self.metrics.expect(runtime.plugin_set)
 
     async def start(self) -> None:
-        """Start the plugins, then open the listeners and the metrics endpoint."""
+        """Start the plugins, then open the listeners and the metrics endpoint.
+
+        Raises :class:`~mailgate.listener.ListenError` (naming the address) if a
+        socket cannot be opened, such as an address already in use.
+        """
         tune_allocator()  # message buffers mapped on their own, given back when freed
         await self.current.start()
-        self.servers = await start_listeners(lambda: self.current)
-        if self.current.policy.metrics:
-            await self.metrics_server.start(
-                self.current.policy.metrics, spread=self.current.policy.workers
-            )
+        try:
+            self.servers = await start_listeners(lambda: self.current)
+            if address := self.current.policy.metrics:
+                try:
+                    await self.metrics_server.start(address, spread=self.current.policy.workers)
+                except OSError as exc:
+                    for server in self.servers:
+                        server.close()
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise ListenError(f"cannot serve metrics on {address}: {why}") from None
+        except ListenError:
+            await self.current.stop()  # the plugins and the queue were started: stop them
+            raise
         self.metrics.policy_loaded_now()
 
     @property

@@ -167,8 +167,12 @@ class SmtpSession:
             return outcome.reply
         inner = self.rt.upstream.begin(ClientIdentity.of(self.session))
         if isinstance(inner, QueueTransaction):
-            inner.bind(self.session, env)  # queue mode: for the DSN rule and `queue show`
-        txn.upstream = ObservedTransaction(inner, self.rt.observers)
+            # Queue mode: for the DSN rule and `queue show`; it reports its lockstep
+            # upstream's replies to the observers, never its own (spooled) 250s.
+            inner.bind(self.session, env, self.rt.observers)
+            txn.upstream = inner
+        else:
+            txn.upstream = ObservedTransaction(inner, self.rt.observers)
         forwarded = [o for o in options if o in _FORWARDED_MAIL_OPTIONS]
         reply = await txn.upstream.mail(sender, forwarded)
         if not reply.positive:
@@ -278,7 +282,7 @@ class SmtpSession:
         assert self.session is not None
         if self.rt.queue is None:  # a dry run (``mailgate test``): say so, keep nothing
             return HELD_DRY_RUN
-        return await self.rt.queue.hold(
+        reply = await self.rt.queue.hold(
             env.sender,
             list(env.recipients),
             message,
@@ -289,6 +293,9 @@ class SmtpSession:
             verified=sender_verified(self.session, env),
             verdicts=[r.label() for r in env.card.verdicts],
         )
+        if reply.positive:
+            env.kept = "held"
+        return reply
 
     def _apply_scoring(self, env: Envelope) -> Reply | None:
         """Compare the total score with the policy's thresholds; record what they decided."""

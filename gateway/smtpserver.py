@@ -96,6 +96,7 @@ TOO_MANY_ERRORS = Reply(421, "Too many errors, closing connection", "4.7.0")
 TOO_MANY_UNKNOWN = Reply(421, "Too many unrecognized commands, closing connection", "4.7.0")
 NUL_IN_COMMAND = Reply(501, "Syntax error: NUL byte in command", "5.5.2")
 CONTROL_IN_COMMAND = Reply(501, "Syntax error: control character in command", "5.5.2")
+BAD_HELO_NAME = Reply(501, "Syntax error: HELO/EHLO name must be printable ASCII", "5.5.2")
 SYNTAX_ERROR = Reply(500, "Syntax error", "5.5.2")
 LINE_TOO_LONG = Reply(500, "Line too long", "5.5.2")
 COMMAND_TOO_LONG = Reply(500, "Command line too long", "5.5.2")
@@ -133,6 +134,7 @@ _OVERLONG = 4096  # a command line past this is dropped as it arrives
 _PAUSE_AT = 256 * 1024  # pipelined command bytes held before we stop reading
 _BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 _JUNK = frozenset({"NOOP", "RSET", "VRFY"})
+_PRINTABLE = re.compile(r"[ -~]+")
 _CONTROL = re.compile(rb"[\x01-\x08\x0a-\x1f\x7f]")  # C0 controls but TAB (the line's CRLF is gone)
 
 
@@ -675,6 +677,12 @@ class SmtpServer(asyncio.Protocol):
     async def _greeting(self, hostname: str, esmtp: bool) -> None:
         if not hostname:
             self._send(_syntax(f"{'EHLO' if esmtp else 'HELO'} hostname"))
+            return
+        if not _PRINTABLE.fullmatch(hostname):
+            # RFC 5321 §4.1.1.1: a domain or an address literal. SMTPUTF8 is asked for
+            # per MAIL, after the greeting, so a name here is ASCII (A-labels); 8-bit
+            # bytes would otherwise land raw in our Received header.
+            self._send(BAD_HELO_NAME)
             return
         self._new_transaction()
         refusal = await self.session.helo(hostname, esmtp=esmtp)

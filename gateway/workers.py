@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -160,6 +161,32 @@ class Supervisor:
                     return 0
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def probe_listen(addresses: list[tuple[str, int]]) -> str | None:
+    """Bind each address as a worker will (``SO_REUSEPORT``), then let go: the first error.
+
+    The parent checks before forking, so an address in use is one clear line and
+    exit 1 rather than N workers failing and restarting in a loop.
+    """
+    from mailgate.listener import address_text
+
+    for host, port in addresses:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _name, sockaddr in infos:
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(sockaddr)
+                    if port:
+                        sock.listen()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            return f"cannot listen on {address_text(host, port)}: {why}"
+    return None
 
 
 def worker_share(total: int, workers: int) -> int:

@@ -10,6 +10,9 @@ decides, rule by rule, what a fault does::
 - ``reject``: refuse with the rule's reply, which names the fault
   (``550 5.6.0 Duplicate From header``);
 - ``tag``: add the rule's ``score`` to the message's score and carry on;
+- ``quarantine``: hold the message in the spool (``Verdict.quarantine``; the
+  client gets ``250``, see ``mailgate.queue.quarantine``); a later reject still
+  refuses it. A fault found at HELO holds every message of the connection;
 - ``monitor``: the same as the plugin's ``rule_modes: {RULE: monitor}``;
 - ``off``: the same as ``rule_modes: {RULE: off}``.
 
@@ -30,7 +33,7 @@ from pydantic import BeforeValidator, Field
 
 from mailgate import Mode, PluginConfig, PluginSettings, Rule, Verdict
 
-Action = Literal["reject", "tag", "monitor", "off"]
+Action = Literal["reject", "tag", "quarantine", "monitor", "off"]
 
 
 class RuleSetting(PluginConfig):
@@ -92,7 +95,7 @@ class RuleBook:
             if setting.action in ("monitor", "off")
         }
 
-    def setting(self, rule_id: str) -> tuple[Literal["reject", "tag", "off"], float]:
+    def setting(self, rule_id: str) -> tuple[Literal["reject", "tag", "quarantine", "off"], float]:
         """The action and tag score of ``rule_id`` (a monitored rule keeps its action)."""
         rule = self.rules[rule_id]
         override = self.overrides.get(rule_id)
@@ -100,7 +103,7 @@ class RuleBook:
         action = override.action if override else rule.action
         if action == "off":
             return "off", 0.0
-        if action == "monitor" or action not in ("reject", "tag"):
+        if action == "monitor" or action not in ("reject", "tag", "quarantine"):
             action = "reject" if rule.action == "reject" else "tag"
         return action, score
 
@@ -116,6 +119,8 @@ class RuleBook:
             )
         if action == "tag":
             return Verdict.tag(fault.rule, fault.text, score=score)
+        if action == "quarantine":
+            return Verdict.quarantine(fault.rule, fault.text)
         code, status = self.replies.get(fault.rule, (550, "5.6.0"))
         return Verdict.reject(fault.rule, fault.text, code=code, status=status)
 

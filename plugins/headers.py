@@ -49,7 +49,8 @@ Config (defaults):
 - ``max_line_length: 998`` octets without CRLF (RFC 5322 §2.1.1).
 - ``max_header_size: 100KB``.
 - ``max_future: 1d``, ``max_past: 30d``: how far off Date may be.
-- ``rules: {}``: per rule id, ``reject``, ``tag`` (with ``score``), ``monitor`` or ``off``.
+- ``rules: {}``: per rule id, ``reject``, ``tag`` (with ``score``), ``quarantine``,
+  ``monitor`` or ``off``.
 
 Results: ``envelope.results["headers"]`` is a :class:`HeaderReport` (every
 fault found, and the From addresses when From parsed).

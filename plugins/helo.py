@@ -27,7 +27,8 @@ Config (defaults):
 - ``own_addresses: []``: addresses a client may not claim, besides the one it
   connected to.
 - ``check_trusted: false``: also check clients in ``trusted_networks``.
-- ``rules: {}``: per rule id, ``reject``, ``tag`` (with ``score``), ``monitor`` or ``off``.
+- ``rules: {}``: per rule id, ``reject``, ``tag`` (with ``score``), ``quarantine``,
+  ``monitor`` or ``off``.
 
 Results: none (the verdicts are in the decision log).
 """

@@ -47,7 +47,13 @@ def queued(spool: Path) -> list[dict[str, Any]]:
     folder = spool / "queue"
     if not folder.exists():
         return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.env"))]
+    found = []
+    for path in sorted(folder.glob("*.env")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue  # delivered between the listing and the read
+    return found
 
 
 def transaction(gw: Any, rcpts: list[str]) -> list[tuple[int, bytes]]:

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
+from mailgate.observer import ObservedTransaction, Observer
 from mailgate.relay import SmtpTransaction, SmtpUpstream, UpstreamTransaction
 from mailgate.verdict import Reply
 from mailgate.xclient import ClientIdentity
@@ -126,6 +127,8 @@ def route_key(routes: Mapping[str, object], recipient: str) -> str:
 
 def _dead(txn: UpstreamTransaction) -> bool:
     """True when the relay has dropped the transaction's connection (error or timeout)."""
+    if isinstance(txn, ObservedTransaction):
+        txn = txn.inner
     return isinstance(txn, SmtpTransaction) and txn.conn is None
 
 
@@ -145,10 +148,16 @@ class QueueTransaction:
         """Recipients accepted for the spool (outage, 4xx, or another route)."""
         self.session: Session | None = None
         self.envelope: Envelope | None = None
+        self.observer: Observer | None = None
 
-    def bind(self, session: Session, envelope: Envelope) -> None:
-        """Know the session and envelope (for the DSN rule and the spooled verdicts)."""
-        self.session, self.envelope = session, envelope
+    def bind(self, session: Session, envelope: Envelope, observer: Observer | None = None) -> None:
+        """Know the session and envelope (for the DSN rule and the spooled verdicts).
+
+        ``observer`` hears the replies of the lockstep upstream only: the 250s that
+        this transaction gives itself (the message spooled) are not the upstream's.
+        The envelope's ``kept`` becomes ``queued`` when the message is spooled.
+        """
+        self.session, self.envelope, self.observer = session, envelope, observer
 
     async def _step(self, txn: UpstreamTransaction, step: Awaitable[Reply]) -> Reply:
         try:
@@ -171,7 +180,9 @@ class QueueTransaction:
             # Every server is marked down (for ``down_for``): spool at once rather than make
             # each client wait out the budget; the queue's retries find it up again.
             return _MAIL_OK
-        txn = upstream.begin(self.identity)
+        txn: UpstreamTransaction = upstream.begin(self.identity)
+        if self.observer is not None:
+            txn = ObservedTransaction(txn, self.observer)
         reply = await self._step(txn, txn.mail(sender, options))
         if reply.positive:
             self.live = txn
@@ -240,6 +251,8 @@ class QueueTransaction:
             return SPOOL_FAILED
         if handed:
             return Reply(250, f"Ok: delivered, the rest queued as {queue_id}", "2.0.0")
+        if env is not None:
+            env.kept = "queued"
         return Reply(250, f"Ok: queued as {queue_id}", "2.0.0")
 
     async def reset(self) -> None:
