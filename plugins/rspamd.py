@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic import model_validator
@@ -67,7 +66,6 @@ from mailgate import (
 )
 from mailgate.plugins.scanning import (
     ScanBadAnswer,
-    ScanFailed,
     ScannerConfig,
     ScanSupport,
     ScanUnavailable,
@@ -76,6 +74,7 @@ from mailgate.plugins.scanning import (
     check_actions,
     folded,
     one_line,
+    scanner_rules,
 )
 
 if TYPE_CHECKING:  # aiohttp is imported when the plugin starts: `mailgate check` stays quick
@@ -97,10 +96,11 @@ _RULES = (
     Rule("rspamd.add_header", "tag", "rspamd says add header (probable spam)", 0.0),
     Rule("rspamd.rewrite_subject", "tag", "rspamd says rewrite the subject", 0.0),
     Rule("rspamd.clean", "tag", "rspamd says no action; summary headers added", 0.0),
-    Rule("rspamd.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
-    Rule("rspamd.too_big", "tag", "not scanned: message over max_size", 0.0),
-    Rule("rspamd.unavailable", "tempfail", "no rspamd server answered in time", 0.0),
-    Rule("rspamd.error", "tempfail", "rspamd answered something unusable", 0.0),
+    *scanner_rules(
+        "rspamd",
+        unavailable="no rspamd server answered in time",
+        error="rspamd answered something unusable",
+    ),
 )
 SUMMARY_HEADERS = ("X-Spam", "X-Spam-Action", "X-Spam-Score", "X-Spam-Symbols")
 MAX_ANSWER = 4 * 1024**2
@@ -244,18 +244,14 @@ class Rspamd:
     @hookimpl
     async def on_data(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
         """Scan, then turn rspamd's action into a verdict."""
-        skipped = self.support.skip(session, envelope, len(message.raw))
-        if skipped is not None:
-            return skipped
         headers = self._request_headers(session, envelope)
-        started = time.perf_counter()
-        try:
-            answer, _server = await self.support.scan(
-                lambda server: self._ask(server, headers, message.raw)
-            )
-        except ScanFailed as failed:
-            return self.support.failure(envelope, failed)
-        return self._verdict(envelope, answer, time.perf_counter() - started)
+        return await self.support.check(
+            session,
+            envelope,
+            len(message.raw),
+            lambda server: self._ask(server, headers, message.raw),
+            lambda answer, seconds: self._verdict(envelope, answer, seconds),
+        )
 
     def _verdict(self, envelope: Envelope, answer: dict[str, Any], seconds: float) -> Verdict:
         action: str = answer["action"]

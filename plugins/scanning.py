@@ -29,7 +29,8 @@ Not a plugin. Each scanner plugin composes a :class:`ScanSupport` and gets:
   one log line.
 
 Rule ids are declared per plugin in its ``RULES`` (:class:`mailgate.Rule`:
-id, default action, one-line description, score), as every plugin declares them.
+id, default action, one-line description, score), as every plugin declares them;
+:func:`scanner_rules` gives the four above.
 """
 
 from __future__ import annotations
@@ -139,6 +140,20 @@ class ScannerConfig(PluginConfig):
         return servers
 
 
+def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...]:
+    """The rules :class:`ScanSupport` answers with, whatever the scanner.
+
+    ``NAME.exempt``, ``NAME.too_big``, and ``NAME.unavailable`` and
+    ``NAME.error`` described by ``unavailable`` and ``error``.
+    """
+    return (
+        Rule(f"{name}.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
+        Rule(f"{name}.too_big", "tag", "not scanned: message over max_size", 0.0),
+        Rule(f"{name}.unavailable", "tempfail", unavailable, 0.0),
+        Rule(f"{name}.error", "tempfail", error, 0.0),
+    )
+
+
 def check_actions(actions: dict[str, ActionName], outcomes: Iterable[str]) -> None:
     """Raise ValueError when ``actions`` names an outcome the scanner does not have."""
     known = list(outcomes)
@@ -235,7 +250,7 @@ class ScanSupport:
         up = [s for s in self.servers if self._down_until.get(s, 0.0) <= now]
         return up + [s for s in self.servers if s not in up]
 
-    async def scan(self, attempt: Callable[[Server], Awaitable[T]]) -> tuple[T, Server]:
+    async def scan(self, attempt: Callable[[Server], Awaitable[T]]) -> T:
         """Run ``attempt`` on each server in turn until one answers; raise :class:`ScanFailed`.
 
         ``attempt`` raises :class:`ScanUnavailable` or :class:`ScanBadAnswer`
@@ -264,9 +279,32 @@ class ScanSupport:
                 problems.append(f"{server}: bad answer: {exc}")
             else:
                 self._down_until.pop(server, None)
-                return result, server
+                return result
             self._down_until[server] = time.monotonic() + self.config.retry_after
         raise ScanFailed(kind, "; ".join(problems))
+
+    async def check(
+        self,
+        session: Session,
+        envelope: Envelope,
+        size: int,
+        attempt: Callable[[Server], Awaitable[T]],
+        decide: Callable[[T, float], Verdict],
+    ) -> Verdict:
+        """One scanner's ``on_data``: :meth:`skip`, else :meth:`scan` and ``decide``.
+
+        ``decide`` gets the answer and the scan's seconds; a scan that got no
+        usable answer is the :meth:`failure` verdict.
+        """
+        skipped = self.skip(session, envelope, size)
+        if skipped is not None:
+            return skipped
+        started = time.perf_counter()
+        try:
+            answer = await self.scan(attempt)
+        except ScanFailed as failed:
+            return self.failure(envelope, failed)
+        return decide(answer, time.perf_counter() - started)
 
     # ------------------------------------------------------------ after the scan
 

@@ -40,7 +40,6 @@ never reject], ``reject_text`` ["Spam message rejected"], ``user`` [none],
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +57,6 @@ from mailgate import (
 )
 from mailgate.plugins.scanning import (
     ScanBadAnswer,
-    ScanFailed,
     ScannerConfig,
     ScanSupport,
     ScanUnavailable,
@@ -66,16 +64,18 @@ from mailgate.plugins.scanning import (
     check_actions,
     folded,
     one_line,
+    scanner_rules,
 )
 
 _RULES = (
     Rule("spamassassin.reject", "reject", "spamd score at or over reject_score", 0.0),
     Rule("spamassassin.spam", "tag", "spamd says spam, below reject_score", 0.0),
     Rule("spamassassin.clean", "tag", "spamd says not spam; headers added", 0.0),
-    Rule("spamassassin.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
-    Rule("spamassassin.too_big", "tag", "not scanned: message over max_size", 0.0),
-    Rule("spamassassin.unavailable", "tempfail", "no spamd answered in time", 0.0),
-    Rule("spamassassin.error", "tempfail", "spamd answered something unusable", 0.0),
+    *scanner_rules(
+        "spamassassin",
+        unavailable="no spamd answered in time",
+        error="spamd answered something unusable",
+    ),
 )
 OUTCOMES = ("reject", "spam", "clean")
 # Not X-Spam-Score: that is rspamd's summary, and both plugins may run.
@@ -165,15 +165,13 @@ class SpamAssassin:
     @hookimpl
     async def on_data(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
         """Scan, then reject, tag as spam or tag as clean."""
-        skipped = self.support.skip(session, envelope, len(message.raw))
-        if skipped is not None:
-            return skipped
-        started = time.perf_counter()
-        try:
-            answer, _server = await self.support.scan(lambda server: self._ask(server, message.raw))
-        except ScanFailed as failed:
-            return self.support.failure(envelope, failed)
-        return self._verdict(envelope, answer, time.perf_counter() - started)
+        return await self.support.check(
+            session,
+            envelope,
+            len(message.raw),
+            lambda server: self._ask(server, message.raw),
+            lambda answer, seconds: self._verdict(envelope, answer, seconds),
+        )
 
     def _verdict(self, envelope: Envelope, answer: SpamdAnswer, seconds: float) -> Verdict:
         rules = [one_line(r, 64) for r in answer.rules]
