@@ -439,7 +439,7 @@ class SmtpServer(asyncio.Protocol):
         self._data_deadline = self.loop.time() + self.limits.data_timeout
         refusal: Reply | None = None  # set once the message is being read and dropped
         dropped = 0  # octets read and thrown away
-        stuffed = 0  # the doubled dots among them (RFC 1870 counts the message)
+        stuffed = 0  # the doubled dots among them
         scan = 0
         try:
             while True:
