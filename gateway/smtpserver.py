@@ -33,9 +33,8 @@ explains the choices):
   run. A delivered message resets both counts. The fifth unknown command
   also ends the session (``421 4.7.0``).
 - **Commands**: a NUL byte or another control character (TAB aside) in a
-  command's argument gets ``501 5.5.2``; command lines
-  are limited to 512 octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to
-  MAIL, per RFC 1870/6531).
+  command's argument gets ``501 5.5.2``; command lines are limited to 512
+  octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to MAIL, per RFC 1870/6531).
 - **DATA**: only ``CRLF.CRLF`` ends it; lines up to ``limits.line_length``
   octets, the message up to ``limits.message_size``; past either, the rest of
   the message is read and dropped and the client gets ``500 5.5.2`` or
