@@ -141,10 +141,10 @@ class ScannerConfig(PluginConfig):
 
 
 def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...]:
-    """The rules :class:`ScanSupport` answers with, whatever the scanner.
+    """The four rules :class:`ScanSupport` answers with, for the scanner ``name``.
 
-    ``NAME.exempt``, ``NAME.too_big``, and ``NAME.unavailable`` and
-    ``NAME.error`` described by ``unavailable`` and ``error``.
+    ``NAME.exempt`` and ``NAME.too_big`` (score-0 tags), ``NAME.unavailable``
+    and ``NAME.error`` (``on_error``), these two described by the arguments.
     """
     return (
         Rule(f"{name}.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
