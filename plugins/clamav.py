@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from mailgate import (
     Envelope,
@@ -52,7 +52,6 @@ from mailgate.plugins.scanning import (
     ScanSupport,
     ScanUnavailable,
     Server,
-    check_actions,
     one_line,
     scanner_rules,
 )
@@ -74,12 +73,8 @@ MAX_ANSWER = 4096
 class ClamavConfig(ScannerConfig):
     """The ``plugins.clamav`` section."""
 
+    outcomes = OUTCOMES
     score: float = Field(default=10.0, ge=0)
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> ClamavConfig:
-        check_actions(self.actions, OUTCOMES)
-        return self
 
 
 async def instream(server: Server, data: bytes) -> str:

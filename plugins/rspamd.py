@@ -52,8 +52,6 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from pydantic import model_validator
-
 from mailgate import (
     Envelope,
     HeaderStrip,
@@ -71,7 +69,6 @@ from mailgate.plugins.scanning import (
     ScanUnavailable,
     Server,
     authenticated_user,
-    check_actions,
     folded,
     one_line,
     scanner_rules,
@@ -109,6 +106,7 @@ MAX_ANSWER = 4 * 1024**2
 class RspamdConfig(ScannerConfig):
     """The ``plugins.rspamd`` section."""
 
+    outcomes = tuple(OUTCOMES.values())
     settings_id: str | None = None
     add_score: bool = False
     score_factor: float = 1.0
@@ -116,11 +114,6 @@ class RspamdConfig(ScannerConfig):
     milter_headers: bool = True
     rewrite_subject: bool = True
     reject_text: str = "Spam message rejected"
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> RspamdConfig:
-        check_actions(self.actions, OUTCOMES.values())
-        return self
 
 
 def _number(value: object, what: str) -> float:

@@ -42,9 +42,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mailgate import (
     Duration,
@@ -132,12 +132,23 @@ class ScannerConfig(PluginConfig):
     exempt_recipients: list[str] = Field(default_factory=list)
     actions: dict[str, ActionName] = Field(default_factory=dict)
 
+    outcomes: ClassVar[tuple[str, ...]] = ()
+    """The scanner's own outcomes (rule ids ``NAME.<outcome>``): what ``actions`` may name."""
+
     @field_validator("servers")
     @classmethod
     def _servers(cls, servers: list[str]) -> list[str]:
         for server in servers:
             Server.parse(server)
         return servers
+
+    @model_validator(mode="after")
+    def _known_actions(self) -> ScannerConfig:
+        unknown = sorted(set(self.actions) - set(self.outcomes))
+        if unknown:
+            known = ", ".join(self.outcomes)
+            raise ValueError(f"unknown outcome {', '.join(unknown)} (known: {known})")
+        return self
 
 
 def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...]:
@@ -152,14 +163,6 @@ def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...
         Rule(f"{name}.unavailable", "tempfail", unavailable, 0.0),
         Rule(f"{name}.error", "tempfail", error, 0.0),
     )
-
-
-def check_actions(actions: dict[str, ActionName], outcomes: Iterable[str]) -> None:
-    """Raise ValueError when ``actions`` names an outcome the scanner does not have."""
-    known = list(outcomes)
-    unknown = sorted(set(actions) - set(known))
-    if unknown:
-        raise ValueError(f"unknown outcome {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def one_line(text: str, limit: int = 200) -> str:

@@ -43,8 +43,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import model_validator
-
 from mailgate import (
     Envelope,
     HeaderStrip,
@@ -61,7 +59,6 @@ from mailgate.plugins.scanning import (
     ScanSupport,
     ScanUnavailable,
     Server,
-    check_actions,
     folded,
     one_line,
     scanner_rules,
@@ -86,6 +83,7 @@ _REPORT_RULE = re.compile(r"^\s*-?\d+(?:\.\d+)?\s+([A-Z0-9_]+)\s", re.MULTILINE)
 class SpamAssassinConfig(ScannerConfig):
     """The ``plugins.spamassassin`` section."""
 
+    outcomes = OUTCOMES
     reject_score: float | None = 10.0
     reject_text: str = "Spam message rejected"
     user: str | None = None
@@ -93,11 +91,6 @@ class SpamAssassinConfig(ScannerConfig):
     score_factor: float = 1.0
     status_header: bool = True
     report_header: bool = False
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> SpamAssassinConfig:
-        check_actions(self.actions, OUTCOMES)
-        return self
 
 
 @dataclass(frozen=True, slots=True)
