@@ -129,7 +129,7 @@ class StageRunner:
                 self._failed(impl, stage, txn_id, card, outcome, "bad_result", what)
             except TimeoutError:
                 what = f"timed out after {impl.settings.timeout:g}s"
-                self._failed(impl, stage, txn_id, card, outcome, "timeout", what)
+                self._failed(impl, stage, txn_id, card, outcome, "timeout", what, exc_info=False)
             except Exception as exc:
                 what = f"raised {type(exc).__name__}"
                 self._failed(impl, stage, txn_id, card, outcome, "error", what, exc_info=True)
@@ -206,7 +206,7 @@ class StageRunner:
         kind: str,
         what: str,
         *,
-        exc_info: bool = False,
+        exc_info: bool | None = None,
     ) -> None:
         """Log, count and record a failed call: ``PLUGIN.error`` or ``PLUGIN.bad_result``.
 
