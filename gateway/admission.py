@@ -63,29 +63,32 @@ class ConnectionCounter:
 
     def claim(self, ip: IPAddress, limit: int) -> bool:
         """Count ``ip``'s connection; False (and not counted) when it already has ``limit``."""
-        if self.per_ip[ip] >= limit:
-            return False
-        self.per_ip[ip] += 1
-        return True
+        return _take(self.per_ip, ip, limit)
 
     def release(self, ip: IPAddress) -> None:
         """Forget a connection of ``ip`` that :meth:`claim` counted."""
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        _give_back(self.per_ip, ip)
 
     def claim_data(self, ip: IPAddress, limit: int) -> bool:
         """Count a DATA phase of ``ip``; False (and not counted) when it already has ``limit``."""
-        if self.data_per_ip[ip] >= limit:
-            return False
-        self.data_per_ip[ip] += 1
-        return True
+        return _take(self.data_per_ip, ip, limit)
 
     def release_data(self, ip: IPAddress) -> None:
         """Forget a DATA phase of ``ip`` that :meth:`claim_data` counted."""
-        self.data_per_ip[ip] -= 1
-        if self.data_per_ip[ip] <= 0:
-            del self.data_per_ip[ip]
+        _give_back(self.data_per_ip, ip)
+
+
+def _take(counts: Counter[IPAddress], ip: IPAddress, limit: int) -> bool:
+    if counts[ip] >= limit:
+        return False
+    counts[ip] += 1
+    return True
+
+
+def _give_back(counts: Counter[IPAddress], ip: IPAddress) -> None:
+    counts[ip] -= 1
+    if counts[ip] <= 0:
+        del counts[ip]
 
 
 class MemoryBudget:
@@ -98,8 +101,6 @@ class MemoryBudget:
     def __init__(self) -> None:
         self.in_flight = 0
         """Bytes charged now: DATA buffers being filled and messages not yet answered."""
-        self.peak = 0
-        """The most ever charged at once (for tests and benchmarks)."""
 
     def has_room(self, limit: int) -> bool:
         """True while less than ``limit`` is charged: a new DATA phase may start."""
@@ -110,7 +111,6 @@ class MemoryBudget:
         if self.in_flight + size > limit:
             return False
         self.in_flight += size
-        self.peak = max(self.peak, self.in_flight)
         return True
 
     def release(self, size: int) -> None:

@@ -204,14 +204,13 @@ def _queue_parser(sub: Any) -> None:
     ls.add_argument("--held", action="store_true", help="held (quarantined) messages only")
     show = actions.add_parser("show", help="envelope, verdicts and headers of one message")
     show.add_argument("--raw", action="store_true", help="write the whole message as stored")
+    show.add_argument("id", help="the queue id")
     for name, text in (
-        ("show", None),
         ("hold", "quarantine a queued message"),
         ("release", "let a held message go: delivered now, as it is"),
         ("delete", "delete a message (queued, held or damaged), no DSN"),
     ):
-        p = show if name == "show" else actions.add_parser(name, help=text)
-        p.add_argument("id", help="the queue id")
+        actions.add_parser(name, help=text).add_argument("id", help="the queue id")
     actions.add_parser("flush", help="retry every queued message now")
     for p in actions.choices.values():
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)

@@ -19,7 +19,7 @@ import logging
 import time
 
 from mailgate.context import Envelope, Session, VerdictRecord
-from mailgate.logfields import format_fields as format_fields  # re-exported
+from mailgate.logfields import format_fields
 from mailgate.verdict import Reply
 
 log = logging.getLogger("mailgate.decision")

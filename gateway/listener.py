@@ -27,6 +27,11 @@ def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def os_reason(exc: OSError) -> str:
+    """Why a socket could not be opened, in ``os.strerror``'s words (``Address already in use``)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def protocol_factory(
     get_runtime: Callable[[], Runtime],
     listener: Listener | None = None,
@@ -72,7 +77,7 @@ async def start_listeners(get_runtime: Callable[[], Runtime]) -> list[asyncio.Se
         except OSError as exc:
             for opened in servers:
                 opened.close()
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            why = os_reason(exc)
             raise ListenError(f"cannot listen on {address_text(host, port)}: {why}") from None
         servers.append(server)
         for sock in server.sockets:

@@ -147,9 +147,8 @@ class _QueueCollector:
         gauge = GaugeMetricFamily(
             "mailgate_queue_messages", "Messages in the spool by state", labels=["state"]
         )
-        for state, value in (("queued", STATS.queued), ("held", STATS.held)):
-            gauge.add_metric([state], value)
-        gauge.add_metric(["corrupt"], STATS.corrupt)
+        for state in ("queued", "held", "corrupt"):
+            gauge.add_metric([state], getattr(STATS, state))
         yield gauge
         yield CounterMetricFamily(
             "mailgate_queue_corrupt_moved",

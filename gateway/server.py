@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 
 from mailgate.admission import tune_allocator
-from mailgate.listener import ListenError, start_listeners
+from mailgate.listener import ListenError, os_reason, start_listeners
 from mailgate.logformat import configure_logging
 from mailgate.metrics import Metrics, MetricsServer
 from mailgate.reload import changed_keys, load_off_loop, restart_only
@@ -70,7 +69,7 @@ class Gateway:
                 except OSError as exc:
                     for server in self.servers:
                         server.close()
-                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    why = os_reason(exc)
                     raise ListenError(f"cannot serve metrics on {address}: {why}") from None
         except ListenError:
             await self.current.stop()  # the plugins and the queue were started: stop them

@@ -199,7 +199,7 @@ class SmtpSession:
         return reply
 
     async def data(self, raw: bytes) -> Reply:
-        """End of DATA: run on_data and scoring, then relay and return the upstream's reply.
+        """End of DATA: run on_data and scoring, then relay (or quarantine) and return the reply.
 
         ``raw`` is the message as received, dot-unstuffed. Pass the only reference:
         the bytes are let go once the relayed copy (our headers, then the message)

@@ -33,9 +33,8 @@ explains the choices):
   run. A delivered message resets both counts. The fifth unknown command
   also ends the session (``421 4.7.0``).
 - **Commands**: a NUL byte or another control character (TAB aside) in a
-  command's argument gets ``501 5.5.2``; command lines
-  are limited to 512 octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to
-  MAIL, per RFC 1870/6531).
+  command's argument gets ``501 5.5.2``; command lines are limited to 512
+  octets (plus the 26 + 10 that SIZE and SMTPUTF8 add to MAIL, per RFC 1870/6531).
 - **DATA**: only ``CRLF.CRLF`` ends it; lines up to ``limits.line_length``
   octets, the message up to ``limits.message_size``; past either, the rest of
   the message is read and dropped and the client gets ``500 5.5.2`` or
@@ -439,7 +438,7 @@ class SmtpServer(asyncio.Protocol):
         self._data_deadline = self.loop.time() + self.limits.data_timeout
         refusal: Reply | None = None  # set once the message is being read and dropped
         dropped = 0  # octets read and thrown away
-        stuffed = 0  # the doubled dots among them (RFC 1870 counts the message)
+        stuffed = 0  # the doubled dots among them
         scan = 0
         try:
             while True:

@@ -74,8 +74,6 @@ class StageOutcome:
 
     reply: Reply | None = None
     """The reply that ends the stage (reject, tempfail, plugin failure); None to go on."""
-    accepted_by: str | None = None
-    """The rule id of an accept that ended the stage early."""
     records: list[VerdictRecord] = field(default_factory=list)
 
 
@@ -97,10 +95,6 @@ class StageRunner:
                 )
                 for i in impls
             ]
-
-    def has(self, hook: str) -> bool:
-        """True when some plugin implements ``hook``."""
-        return bool(self._impls[hook])
 
     async def _call(self, impl: _Impl, hook: str, kwargs: dict[str, Any]) -> Any:
         started = time.perf_counter()
@@ -127,59 +121,33 @@ class StageRunner:
     ) -> StageOutcome:
         outcome = StageOutcome()
         for impl in self._impls[stage]:
-            monitor = impl.settings.mode == "monitor"
             try:
                 result = await self._call(impl, stage, kwargs)
             except VerdictError as exc:
                 # The plugin tried to build a contradictory verdict: a bad result, not a crash.
-                self._bad_result(
-                    impl, stage, txn_id, f"contradictory verdict: {exc}", card, outcome
-                )
-                if monitor:
-                    continue
-                outcome.reply = PLUGIN_FAILURE
-                return outcome
+                what = f"contradictory verdict: {exc}"
+                self._failed(impl, stage, txn_id, card, outcome, "bad_result", what)
+            except TimeoutError:
+                what = f"timed out after {impl.settings.timeout:g}s"
+                self._failed(impl, stage, txn_id, card, outcome, "timeout", what, exc_info=False)
             except Exception as exc:
-                if isinstance(exc, TimeoutError):
-                    what = f"timed out after {impl.settings.timeout:g}s"
-                    exc_info = False
-                else:
-                    what = f"raised {type(exc).__name__}"
-                    exc_info = True
-                log.error(
-                    "plugin error: txn=%s plugin=%s hook=%s %s%s",
-                    txn_id,
-                    impl.plugin,
-                    stage,
-                    what,
-                    " (monitor: ignored)" if monitor else "",
-                    exc_info=exc_info,
-                )
-                self.observer.plugin_failed(
-                    impl.plugin, stage, "timeout" if isinstance(exc, TimeoutError) else "error"
-                )
-                record = VerdictRecord(
-                    impl.plugin, stage, f"{impl.plugin}.error", "tempfail", what, not monitor
-                )
-                card.verdicts.append(record)
-                outcome.records.append(record)
-                if monitor:
+                what = f"raised {type(exc).__name__}"
+                self._failed(impl, stage, txn_id, card, outcome, "error", what, exc_info=True)
+            else:
+                if result is None:
                     continue
+                verdicts = result if isinstance(result, list | tuple) else (result,)
+                problem = next(filter(None, map(bad_result, verdicts)), None)
+                if problem is None:
+                    for verdict in verdicts:
+                        if self._apply(impl, stage, verdict, card, outcome, txn_id):
+                            return outcome
+                    continue
+                self._failed(impl, stage, txn_id, card, outcome, "bad_result", problem)
+            # The call failed: in monitor mode that was only logged and recorded.
+            if impl.settings.mode != "monitor":
                 outcome.reply = PLUGIN_FAILURE
                 return outcome
-            if result is None:
-                continue
-            verdicts = result if isinstance(result, list | tuple) else (result,)
-            problem = next(filter(None, map(bad_result, verdicts)), None)
-            if problem is not None:
-                self._bad_result(impl, stage, txn_id, problem, card, outcome)
-                if monitor:
-                    continue
-                outcome.reply = PLUGIN_FAILURE
-                return outcome
-            for verdict in verdicts:
-                if self._apply(impl, stage, verdict, card, outcome, txn_id):
-                    return outcome
         return outcome
 
     def _apply(
@@ -225,34 +193,39 @@ class StageRunner:
             card.headers.extend(result.headers)
             card.strip.extend(result.strip)
             return False
-        if result.action is Action.ACCEPT:
-            outcome.accepted_by = result.rule
         outcome.reply = result.reply()
         return True
 
-    def _bad_result(
+    def _failed(
         self,
         impl: _Impl,
         stage: str,
         txn_id: str,
-        problem: str,
         card: Scorecard,
         outcome: StageOutcome,
+        kind: str,
+        what: str,
+        *,
+        exc_info: bool | None = None,
     ) -> None:
-        """Log, count and record a hook result that cannot be applied (``PLUGIN.bad_result``)."""
+        """Log, count and record a failed call: ``PLUGIN.error`` or ``PLUGIN.bad_result``.
+
+        ``kind`` is the observer's: ``error``, ``timeout`` or ``bad_result``.
+        """
         monitor = impl.settings.mode == "monitor"
+        bad = kind == "bad_result"
         log.error(
-            "plugin error: txn=%s plugin=%s hook=%s bad result: %s%s",
+            "plugin error: txn=%s plugin=%s hook=%s %s%s",
             txn_id,
             impl.plugin,
             stage,
-            problem,
+            f"bad result: {what}" if bad else what,
             " (monitor: ignored)" if monitor else "",
+            exc_info=exc_info,
         )
-        self.observer.plugin_failed(impl.plugin, stage, "bad_result")
-        record = VerdictRecord(
-            impl.plugin, stage, f"{impl.plugin}.bad_result", "tempfail", problem, not monitor
-        )
+        self.observer.plugin_failed(impl.plugin, stage, kind)
+        rule = f"{impl.plugin}.{'bad_result' if bad else 'error'}"
+        record = VerdictRecord(impl.plugin, stage, rule, "tempfail", what, not monitor)
         card.verdicts.append(record)
         outcome.records.append(record)
 

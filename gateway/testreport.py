@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from mailgate.context import VerdictRecord
-from mailgate.decisionlog import format_fields
 from mailgate.dryrun import Step, Trace
+from mailgate.logfields import format_fields
 
 COMMAND_WIDTH = 36
 

@@ -68,13 +68,12 @@ class Verdict:
     """One plugin's decision at one stage.
 
     Build verdicts with the class methods :meth:`accept`, :meth:`reject`,
-    :meth:`tempfail`, :meth:`tag` and :meth:`quarantine` rather than the constructor. Whichever
-    way it is built, a verdict's code must agree with its action (reject
-    5xx, tempfail 4xx, accept and tag no reply of their own) and its score
-    must be a finite number: anything else raises :class:`VerdictError` (a
-    ``ValueError``) here, and
-    the stage runner checks again before it applies a verdict
-    (:func:`contradiction`).
+    :meth:`tempfail`, :meth:`tag` and :meth:`quarantine` rather than the
+    constructor. Whichever way it is built, a verdict's code must agree with
+    its action (reject 5xx, tempfail 4xx, accept, tag and quarantine no reply
+    of their own) and its score must be a finite number: anything else raises
+    :class:`VerdictError` (a ``ValueError``) here, and the stage runner checks
+    again before it applies a verdict (:func:`contradiction`).
     """
 
     action: Action
@@ -156,10 +155,10 @@ def contradiction(verdict: Verdict) -> str | None:
     """What makes ``verdict`` unusable, or None when its parts agree.
 
     A reject needs a 5xx code, a tempfail a 4xx code; an accept, a tag or a
-    quarantine gives no reply of its own, so it carries no code, status or text; the score is a
-    finite number (NaN would compare false with every threshold, and
-    infinity would decide alone). Checked when a verdict is built and again
-    where the stage runner applies it.
+    quarantine gives no reply of its own, so it carries no code, status or
+    text; the score is a finite number (NaN would compare false with every
+    threshold, and infinity would decide alone). Checked when a verdict is
+    built and again where the stage runner applies it.
     """
     # Typed as object: a verdict built past its constructor may hold anything.
     action: object = verdict.action

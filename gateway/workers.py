@@ -169,7 +169,7 @@ def probe_listen(addresses: list[tuple[str, int]]) -> str | None:
     The parent checks before forking, so an address in use is one clear line and
     exit 1 rather than N workers failing and restarting in a loop.
     """
-    from mailgate.listener import address_text
+    from mailgate.listener import address_text, os_reason
 
     for host, port in addresses:
         try:
@@ -184,8 +184,7 @@ def probe_listen(addresses: list[tuple[str, int]]) -> str | None:
                     if port:
                         sock.listen()
         except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            return f"cannot listen on {address_text(host, port)}: {why}"
+            return f"cannot listen on {address_text(host, port)}: {os_reason(exc)}"
     return None
 
 

@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from mailgate import (
     Envelope,
@@ -49,22 +48,22 @@ from mailgate import (
 )
 from mailgate.plugins.scanning import (
     ScanBadAnswer,
-    ScanFailed,
     ScannerConfig,
     ScanSupport,
     ScanUnavailable,
     Server,
-    check_actions,
     one_line,
+    scanner_rules,
 )
 
 _RULES = (
     Rule("clamav.found", "reject", "clamd found malware (signature in the reason)", 10.0),
     Rule("clamav.clean", "tag", "clamd found nothing; X-Virus-Scanned added", 0.0),
-    Rule("clamav.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
-    Rule("clamav.too_big", "tag", "not scanned: message over max_size", 0.0),
-    Rule("clamav.unavailable", "tempfail", "no clamd answered in time", 0.0),
-    Rule("clamav.error", "tempfail", "clamd answered ERROR or something unusable", 0.0),
+    *scanner_rules(
+        "clamav",
+        unavailable="no clamd answered in time",
+        error="clamd answered ERROR or something unusable",
+    ),
 )
 OUTCOMES = ("found", "clean")
 CHUNK = 64 * 1024
@@ -74,12 +73,8 @@ MAX_ANSWER = 4096
 class ClamavConfig(ScannerConfig):
     """The ``plugins.clamav`` section."""
 
+    outcomes = OUTCOMES
     score: float = Field(default=10.0, ge=0)
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> ClamavConfig:
-        check_actions(self.actions, OUTCOMES)
-        return self
 
 
 async def instream(server: Server, data: bytes) -> str:
@@ -149,15 +144,15 @@ class Clamav:
     @hookimpl
     async def on_data(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
         """Scan; refuse (or tag) on FOUND, tag clean mail with X-Virus-Scanned."""
-        skipped = self.support.skip(session, envelope, len(message.raw))
-        if skipped is not None:
-            return skipped
-        started = time.perf_counter()
-        try:
-            answer, _server = await self.support.scan(lambda server: self._ask(server, message.raw))
-        except ScanFailed as failed:
-            return self.support.failure(envelope, failed)
-        seconds = time.perf_counter() - started
+        return await self.support.check(
+            session,
+            envelope,
+            len(message.raw),
+            lambda server: self._ask(server, message.raw),
+            lambda answer, seconds: self._verdict(envelope, answer, seconds),
+        )
+
+    def _verdict(self, envelope: Envelope, answer: str, seconds: float) -> Verdict:
         self.support.note(envelope, one_line(answer, 120), seconds)
         strip = [HeaderStrip("X-Virus-Scanned"), HeaderStrip("X-Virus-Found")]
         if answer == "OK":

@@ -50,10 +50,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import TYPE_CHECKING, Any
-
-from pydantic import model_validator
 
 from mailgate import (
     Envelope,
@@ -67,15 +64,14 @@ from mailgate import (
 )
 from mailgate.plugins.scanning import (
     ScanBadAnswer,
-    ScanFailed,
     ScannerConfig,
     ScanSupport,
     ScanUnavailable,
     Server,
     authenticated_user,
-    check_actions,
     folded,
     one_line,
+    scanner_rules,
 )
 
 if TYPE_CHECKING:  # aiohttp is imported when the plugin starts: `mailgate check` stays quick
@@ -97,10 +93,11 @@ _RULES = (
     Rule("rspamd.add_header", "tag", "rspamd says add header (probable spam)", 0.0),
     Rule("rspamd.rewrite_subject", "tag", "rspamd says rewrite the subject", 0.0),
     Rule("rspamd.clean", "tag", "rspamd says no action; summary headers added", 0.0),
-    Rule("rspamd.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
-    Rule("rspamd.too_big", "tag", "not scanned: message over max_size", 0.0),
-    Rule("rspamd.unavailable", "tempfail", "no rspamd server answered in time", 0.0),
-    Rule("rspamd.error", "tempfail", "rspamd answered something unusable", 0.0),
+    *scanner_rules(
+        "rspamd",
+        unavailable="no rspamd server answered in time",
+        error="rspamd answered something unusable",
+    ),
 )
 SUMMARY_HEADERS = ("X-Spam", "X-Spam-Action", "X-Spam-Score", "X-Spam-Symbols")
 MAX_ANSWER = 4 * 1024**2
@@ -109,6 +106,7 @@ MAX_ANSWER = 4 * 1024**2
 class RspamdConfig(ScannerConfig):
     """The ``plugins.rspamd`` section."""
 
+    outcomes = tuple(OUTCOMES.values())
     settings_id: str | None = None
     add_score: bool = False
     score_factor: float = 1.0
@@ -116,11 +114,6 @@ class RspamdConfig(ScannerConfig):
     milter_headers: bool = True
     rewrite_subject: bool = True
     reject_text: str = "Spam message rejected"
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> RspamdConfig:
-        check_actions(self.actions, OUTCOMES.values())
-        return self
 
 
 def _number(value: object, what: str) -> float:
@@ -244,18 +237,14 @@ class Rspamd:
     @hookimpl
     async def on_data(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
         """Scan, then turn rspamd's action into a verdict."""
-        skipped = self.support.skip(session, envelope, len(message.raw))
-        if skipped is not None:
-            return skipped
         headers = self._request_headers(session, envelope)
-        started = time.perf_counter()
-        try:
-            answer, _server = await self.support.scan(
-                lambda server: self._ask(server, headers, message.raw)
-            )
-        except ScanFailed as failed:
-            return self.support.failure(envelope, failed)
-        return self._verdict(envelope, answer, time.perf_counter() - started)
+        return await self.support.check(
+            session,
+            envelope,
+            len(message.raw),
+            lambda server: self._ask(server, headers, message.raw),
+            lambda answer, seconds: self._verdict(envelope, answer, seconds),
+        )
 
     def _verdict(self, envelope: Envelope, answer: dict[str, Any], seconds: float) -> Verdict:
         action: str = answer["action"]

@@ -29,7 +29,8 @@ Not a plugin. Each scanner plugin composes a :class:`ScanSupport` and gets:
   one log line.
 
 Rule ids are declared per plugin in its ``RULES`` (:class:`mailgate.Rule`:
-id, default action, one-line description, score), as every plugin declares them.
+id, default action, one-line description, score), as every plugin declares them;
+:func:`scanner_rules` gives the four above.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mailgate import (
     Duration,
@@ -131,6 +132,9 @@ class ScannerConfig(PluginConfig):
     exempt_recipients: list[str] = Field(default_factory=list)
     actions: dict[str, ActionName] = Field(default_factory=dict)
 
+    outcomes: ClassVar[tuple[str, ...]] = ()
+    """The scanner's own outcomes (rule ids ``NAME.<outcome>``): what ``actions`` may name."""
+
     @field_validator("servers")
     @classmethod
     def _servers(cls, servers: list[str]) -> list[str]:
@@ -138,13 +142,27 @@ class ScannerConfig(PluginConfig):
             Server.parse(server)
         return servers
 
+    @model_validator(mode="after")
+    def _known_actions(self) -> ScannerConfig:
+        unknown = sorted(set(self.actions) - set(self.outcomes))
+        if unknown:
+            known = ", ".join(self.outcomes)
+            raise ValueError(f"unknown outcome {', '.join(unknown)} (known: {known})")
+        return self
 
-def check_actions(actions: dict[str, ActionName], outcomes: Iterable[str]) -> None:
-    """Raise ValueError when ``actions`` names an outcome the scanner does not have."""
-    known = list(outcomes)
-    unknown = sorted(set(actions) - set(known))
-    if unknown:
-        raise ValueError(f"unknown outcome {', '.join(unknown)} (known: {', '.join(known)})")
+
+def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...]:
+    """The four rules :class:`ScanSupport` answers with, for the scanner ``name``.
+
+    ``NAME.exempt`` and ``NAME.too_big`` (score-0 tags), ``NAME.unavailable``
+    and ``NAME.error`` (``on_error``), these two described by the arguments.
+    """
+    return (
+        Rule(f"{name}.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
+        Rule(f"{name}.too_big", "tag", "not scanned: message over max_size", 0.0),
+        Rule(f"{name}.unavailable", "tempfail", unavailable, 0.0),
+        Rule(f"{name}.error", "tempfail", error, 0.0),
+    )
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -235,7 +253,7 @@ class ScanSupport:
         up = [s for s in self.servers if self._down_until.get(s, 0.0) <= now]
         return up + [s for s in self.servers if s not in up]
 
-    async def scan(self, attempt: Callable[[Server], Awaitable[T]]) -> tuple[T, Server]:
+    async def scan(self, attempt: Callable[[Server], Awaitable[T]]) -> T:
         """Run ``attempt`` on each server in turn until one answers; raise :class:`ScanFailed`.
 
         ``attempt`` raises :class:`ScanUnavailable` or :class:`ScanBadAnswer`
@@ -264,9 +282,32 @@ class ScanSupport:
                 problems.append(f"{server}: bad answer: {exc}")
             else:
                 self._down_until.pop(server, None)
-                return result, server
+                return result
             self._down_until[server] = time.monotonic() + self.config.retry_after
         raise ScanFailed(kind, "; ".join(problems))
+
+    async def check(
+        self,
+        session: Session,
+        envelope: Envelope,
+        size: int,
+        attempt: Callable[[Server], Awaitable[T]],
+        decide: Callable[[T, float], Verdict],
+    ) -> Verdict:
+        """One scanner's ``on_data``: :meth:`skip`, else :meth:`scan` and ``decide``.
+
+        ``decide`` gets the answer and the scan's seconds; a scan that got no
+        usable answer is the :meth:`failure` verdict.
+        """
+        skipped = self.skip(session, envelope, size)
+        if skipped is not None:
+            return skipped
+        started = time.perf_counter()
+        try:
+            answer = await self.scan(attempt)
+        except ScanFailed as failed:
+            return self.failure(envelope, failed)
+        return decide(answer, time.perf_counter() - started)
 
     # ------------------------------------------------------------ after the scan
 

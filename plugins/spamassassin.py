@@ -40,11 +40,8 @@ never reject], ``reject_text`` ["Spam message rejected"], ``user`` [none],
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
-
-from pydantic import model_validator
 
 from mailgate import (
     Envelope,
@@ -58,24 +55,24 @@ from mailgate import (
 )
 from mailgate.plugins.scanning import (
     ScanBadAnswer,
-    ScanFailed,
     ScannerConfig,
     ScanSupport,
     ScanUnavailable,
     Server,
-    check_actions,
     folded,
     one_line,
+    scanner_rules,
 )
 
 _RULES = (
     Rule("spamassassin.reject", "reject", "spamd score at or over reject_score", 0.0),
     Rule("spamassassin.spam", "tag", "spamd says spam, below reject_score", 0.0),
     Rule("spamassassin.clean", "tag", "spamd says not spam; headers added", 0.0),
-    Rule("spamassassin.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
-    Rule("spamassassin.too_big", "tag", "not scanned: message over max_size", 0.0),
-    Rule("spamassassin.unavailable", "tempfail", "no spamd answered in time", 0.0),
-    Rule("spamassassin.error", "tempfail", "spamd answered something unusable", 0.0),
+    *scanner_rules(
+        "spamassassin",
+        unavailable="no spamd answered in time",
+        error="spamd answered something unusable",
+    ),
 )
 OUTCOMES = ("reject", "spam", "clean")
 # Not X-Spam-Score: that is rspamd's summary, and both plugins may run.
@@ -86,6 +83,7 @@ _REPORT_RULE = re.compile(r"^\s*-?\d+(?:\.\d+)?\s+([A-Z0-9_]+)\s", re.MULTILINE)
 class SpamAssassinConfig(ScannerConfig):
     """The ``plugins.spamassassin`` section."""
 
+    outcomes = OUTCOMES
     reject_score: float | None = 10.0
     reject_text: str = "Spam message rejected"
     user: str | None = None
@@ -93,11 +91,6 @@ class SpamAssassinConfig(ScannerConfig):
     score_factor: float = 1.0
     status_header: bool = True
     report_header: bool = False
-
-    @model_validator(mode="after")
-    def _known_actions(self) -> SpamAssassinConfig:
-        check_actions(self.actions, OUTCOMES)
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,15 +158,13 @@ class SpamAssassin:
     @hookimpl
     async def on_data(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
         """Scan, then reject, tag as spam or tag as clean."""
-        skipped = self.support.skip(session, envelope, len(message.raw))
-        if skipped is not None:
-            return skipped
-        started = time.perf_counter()
-        try:
-            answer, _server = await self.support.scan(lambda server: self._ask(server, message.raw))
-        except ScanFailed as failed:
-            return self.support.failure(envelope, failed)
-        return self._verdict(envelope, answer, time.perf_counter() - started)
+        return await self.support.check(
+            session,
+            envelope,
+            len(message.raw),
+            lambda server: self._ask(server, message.raw),
+            lambda answer, seconds: self._verdict(envelope, answer, seconds),
+        )
 
     def _verdict(self, envelope: Envelope, answer: SpamdAnswer, seconds: float) -> Verdict:
         rules = [one_line(r, 64) for r in answer.rules]

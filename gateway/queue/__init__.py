@@ -10,7 +10,8 @@
 - ``admin``: ``mailgate queue list | show | hold | release | delete | flush``.
 """
 
-from mailgate.queue.delivery import QueueUpstream, route_key
+from mailgate.queue.delivery import QueueUpstream
+from mailgate.queue.handoff import route_key
 from mailgate.queue.spool import Entry, Spool
 
 __all__ = ["Entry", "QueueUpstream", "Spool", "route_key"]

@@ -57,7 +57,7 @@ from mailgate.xclient import ClientIdentity
 
 log = logging.getLogger("mailgate.queue")
 
-__all__ = ["SPOOL_FAILED", "QueueTransaction", "QueueUpstream", "backoff", "route_key"]
+__all__ = ["QueueUpstream", "backoff"]
 
 INTERNAL = Reply(451, "Internal error during delivery", "4.3.0")
 _RESCAN_POLL = 1.0  # how often the flush marker is looked for

@@ -12,7 +12,7 @@ a DSN. In in-line mode the spool holds quarantined mail only.
 
 from __future__ import annotations
 
-from mailgate.context import Envelope, Session, VerdictRecord
+from mailgate.context import Envelope, Session
 from mailgate.verdict import Action
 
 QUARANTINE = Action.QUARANTINE.value
@@ -20,10 +20,11 @@ QUARANTINE = Action.QUARANTINE.value
 
 def held_by(session: Session, envelope: Envelope) -> tuple[str, list[str]] | None:
     """``(reason, rule ids)`` if an enforced quarantine verdict holds this transaction."""
-    records: list[VerdictRecord] = [
-        r for r in (*session.card.verdicts, *envelope.card.verdicts) if r.enforced
+    found = [
+        r
+        for r in (*session.card.verdicts, *envelope.card.verdicts)
+        if r.enforced and r.action == QUARANTINE
     ]
-    found = [r for r in records if r.action == QUARANTINE]
     if not found:
         return None
     rules = list(dict.fromkeys(r.rule for r in found))
