@@ -8,6 +8,7 @@ test machines may not have.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -29,27 +30,9 @@ from tests.support import MESSAGE
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The spool folder of the policies below."""
-    return tmp_path / "spool"
-
-
-@pytest.fixture
-def queue_policy(spool: Path) -> Callable[..., dict[str, Any]]:
-    """Queue mode, spool first (so the tests place files before delivery), fast retries."""
-
-    def make(**queue: Any) -> dict[str, Any]:
-        settings = {
-            "directory": str(spool),
-            "retry_min": "1s",
-            "retry_max": "2s",
-            "scan_interval": "1s",
-            "handoff_timeout": 0,
-            **queue,
-        }
-        return {"delivery": "queue", "queue": settings}
-
-    return make
+def queue_policy(queue_policy: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Spool first (so the tests place files before delivery)."""
+    return functools.partial(queue_policy, handoff_timeout=0)
 
 
 @pytest.fixture
