@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -19,7 +18,7 @@ from mailgate import Action, Verdict
 from mailgate.stages import bad_result
 from mailgate.verdict import VerdictError
 from tests.rawsmtp import RawClient, wait_for
-from tests.support import MESSAGE, LoopThread
+from tests.support import MESSAGE, LoopThread, Received, RecordingUpstream
 
 EHLO = b"EHLO client.example.net"
 MAIL = b"MAIL FROM:<alice@example.net>"
@@ -268,19 +267,18 @@ def test_recipients_past_the_overshoot_bound_count_as_errors(make_gateway, upstr
 # ------------------------------------------------------------------ 5: malformed upstream replies
 
 
-@dataclass
-class ScriptedUpstream:
-    """A minimal SMTP upstream on 127.0.0.1:0 whose end-of-data reply is set by the test."""
+class ScriptedUpstream(RecordingUpstream):
+    """A minimal SMTP upstream on 127.0.0.1:0 whose end-of-data reply is set by the test.
 
-    loop_thread: LoopThread
-    data_reply: bytes = b"250 2.0.0 Ok: queued"
-    data_delay: float = 0.0
-    commands: list[bytes] = field(default_factory=list)
-    messages: int = 0
-    connections: int = 0
-    closed: int = 0
-    port: int = 0
-    server: asyncio.Server | None = None
+    Only its server differs from the harness's recording upstream (stop, url).
+    """
+
+    def __init__(self, loop_thread: LoopThread) -> None:
+        self.data_reply = b"250 2.0.0 Ok: queued"
+        self.data_delay = 0.0
+        self.commands: list[bytes] = []
+        self.closed = 0
+        super().__init__(loop_thread)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -294,8 +292,8 @@ class ScriptedUpstream:
                     writer.write(b"250-scripted.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
                 elif verb == b"DATA":
                     writer.write(b"354 go on\r\n")
-                    await reader.readuntil(b"\r\n.\r\n")
-                    self.messages += 1
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append(Received("", [], data))
                     await asyncio.sleep(self.data_delay)
                     writer.write(self.data_reply + b"\r\n")
                 elif verb == b"QUIT":
@@ -319,28 +317,11 @@ class ScriptedUpstream:
         self.server = self.loop_thread.run(_start())
         self.port = self.server.sockets[0].getsockname()[1]
 
-    def stop(self) -> None:
-        """Stop listening."""
-        if self.server is not None:
-            server, self.server = self.server, None
-
-            async def _close() -> None:
-                server.close()
-                await server.wait_closed()
-
-            self.loop_thread.run(_close())
-
-    @property
-    def url(self) -> str:
-        """The ``smtp://`` URL for the policy."""
-        return f"smtp://127.0.0.1:{self.port}"
-
 
 @pytest.fixture
 def scripted(loop_thread: LoopThread) -> Iterator[ScriptedUpstream]:
     """A scripted upstream on 127.0.0.1:0."""
     upstream = ScriptedUpstream(loop_thread)
-    upstream.start()
     yield upstream
     upstream.stop()
 
@@ -458,7 +439,7 @@ def test_an_upstream_timeout_closes_the_upstream_not_the_client_and_may_duplicat
         assert c.cmd(b"DATA")[0] == 354
         c.send(MESSAGE + b".\r\n")
         assert c.reply()[0] == 250
-    assert scripted.messages == 2  # the same message, twice
+    assert len(scripted.messages) == 2  # the same message, twice
 
 
 def test_after_an_internal_error_the_next_mail_is_not_nested(make_gateway, upstream, monkeypatch):
