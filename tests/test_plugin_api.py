@@ -48,6 +48,17 @@ def write_policy(tmp_path: Path, **keys: Any) -> Path:
     return path
 
 
+def send(port: int, message: bytes) -> tuple[int, bytes]:
+    """One transaction from a@example.net to b@example.com; the reply to the final dot."""
+    with RawClient(port) as client:
+        assert client.cmd(b"EHLO client.example.net")[0] == 250
+        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
+        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
+        assert client.cmd(b"DATA")[0] == 354
+        client.send(message + b".\r\n")
+        return client.reply()
+
+
 # ------------------------------------------------------------------ the public API
 
 
@@ -221,13 +232,7 @@ def test_a_list_of_verdicts_is_recorded_in_order_and_the_reject_ends_the_stage(
     make_gateway, upstream, decisions
 ):
     gw = make_gateway(plugins={"two": {"module": f"{CONTRACT}:TwoFindings"}})
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply() == (550, b"5.7.1 No")
+    assert send(gw.port, b"Subject: x\r\n\r\nbody\r\n") == (550, b"5.7.1 No")
     assert "verdicts=two.tag:tag,two.reject:reject" in decisions()[-1]
     assert upstream.messages == []
 
@@ -241,13 +246,7 @@ def test_a_monitored_rule_in_a_list_never_ends_the_stage(make_gateway, upstream,
             }
         }
     )
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply()[0] == 250
+    assert send(gw.port, b"Subject: x\r\n\r\nbody\r\n")[0] == 250
     assert "verdicts=two.tag:tag,two.reject:reject(monitor)" in decisions()[-1]
 
 
@@ -258,13 +257,7 @@ def test_a_monitored_header_rule_is_counted_in_the_verdict_metrics(make_gateway,
     )
     bound = gw.gateway.metrics_server.bound
     assert bound is not None
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply()[0] == 250
+    assert send(gw.port, b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n")[0] == 250
     labels = {"plugin": "headers", "rule": "headers.missing_date", "action": "reject"}
     assert wait_until(
         lambda: sample(scrape(bound[1]), "mailgate_verdicts_total", **labels, mode="monitor") == 1
