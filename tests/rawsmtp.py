@@ -67,6 +67,23 @@ class RawClient:
         self.close()
 
 
+def send_message(
+    port: int,
+    message: bytes,
+    sender: bytes = b"<alice@example.net>",
+    rcpt: bytes = b"<bob@example.com>",
+) -> tuple[int, bytes]:
+    """EHLO, MAIL, one RCPT and DATA, each of which must pass, then ``message`` (whose lines
+    end in CRLF) and the final dot, on a new connection; the reply to the dot."""
+    with RawClient(port) as client:
+        assert client.cmd(b"EHLO client.example.net")[0] == 250
+        assert client.cmd(b"MAIL FROM:" + sender)[0] == 250
+        assert client.cmd(b"RCPT TO:" + rcpt)[0] == 250
+        assert client.cmd(b"DATA")[0] == 354
+        client.send(message + b".\r\n")
+        return client.reply()
+
+
 def wait_for(predicate: object, timeout: float = 20.0) -> bool:
     """Poll ``predicate()`` until it is true or ``timeout`` passes; return its last value."""
     assert callable(predicate)

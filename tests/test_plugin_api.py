@@ -29,7 +29,7 @@ from mailgate.rules import unknown_rule_message
 from mailgate.yamlsource import SourceError, load
 from tests.ops_support import REPO, sample, scrape, wait_until
 from tests.ops_support import mailgate as run_mailgate
-from tests.rawsmtp import RawClient
+from tests.rawsmtp import send_message
 
 CONTRACT = "tests.sample_plugins.contract"
 PUBLIC_MODULES = {"mailgate", "mailgate.authresults", "mailgate.dnsadapters"}
@@ -46,17 +46,6 @@ def write_policy(tmp_path: Path, **keys: Any) -> Path:
     data = {"hostname": "mailgate.test", "domains": ["example.com"], **keys}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def send(port: int, message: bytes) -> tuple[int, bytes]:
-    """One transaction from a@example.net to b@example.com; the reply to the final dot."""
-    with RawClient(port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(message + b".\r\n")
-        return client.reply()
 
 
 # ------------------------------------------------------------------ the public API
@@ -232,7 +221,7 @@ def test_a_list_of_verdicts_is_recorded_in_order_and_the_reject_ends_the_stage(
     make_gateway, upstream, decisions
 ):
     gw = make_gateway(plugins={"two": {"module": f"{CONTRACT}:TwoFindings"}})
-    assert send(gw.port, b"Subject: x\r\n\r\nbody\r\n") == (550, b"5.7.1 No")
+    assert send_message(gw.port, b"Subject: x\r\n\r\nbody\r\n") == (550, b"5.7.1 No")
     assert "verdicts=two.tag:tag,two.reject:reject" in decisions()[-1]
     assert upstream.messages == []
 
@@ -246,7 +235,7 @@ def test_a_monitored_rule_in_a_list_never_ends_the_stage(make_gateway, upstream,
             }
         }
     )
-    assert send(gw.port, b"Subject: x\r\n\r\nbody\r\n")[0] == 250
+    assert send_message(gw.port, b"Subject: x\r\n\r\nbody\r\n")[0] == 250
     assert "verdicts=two.tag:tag,two.reject:reject(monitor)" in decisions()[-1]
 
 
@@ -257,7 +246,7 @@ def test_a_monitored_header_rule_is_counted_in_the_verdict_metrics(make_gateway,
     )
     bound = gw.gateway.metrics_server.bound
     assert bound is not None
-    assert send(gw.port, b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n")[0] == 250
+    assert send_message(gw.port, b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n")[0] == 250
     labels = {"plugin": "headers", "rule": "headers.missing_date", "action": "reject"}
     assert wait_until(
         lambda: sample(scrape(bound[1]), "mailgate_verdicts_total", **labels, mode="monitor") == 1
