@@ -23,7 +23,6 @@ from tests.support import MESSAGE
 from tests.support import write_policy as harness_policy
 
 MAIL_INFO = 2 * 8 + 6  # facility mail (2), severity info (6): <22>
-MAIL_WARNING = 2 * 8 + 4
 
 
 def write_policy(tmp_path: Path, port: int, upstream_url: str, log: dict[str, Any]) -> Path:
