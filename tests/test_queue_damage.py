@@ -25,7 +25,8 @@ import pytest
 from mailgate.cli import main as mailgate
 from mailgate.queue.delivery import backoff
 from mailgate.queue.spool import STATS, Entry, Spool, digest, new_id
-from tests.ops_support import REPO, wait_until
+from tests.ops_support import mailgate as run_mailgate
+from tests.ops_support import wait_until
 from tests.support import MESSAGE
 
 
@@ -269,14 +270,7 @@ def test_queue_list_into_a_closed_pipe_and_mailgate_config(tmp_path, spool):
     )
     assert done.stderr == "" and len(done.stdout.splitlines()) == 1
     assert f"{done.stdout.split()[0]}.env" in os.listdir(spool / "queue")
-    helped = subprocess.run(
-        [sys.executable, "-m", "mailgate", "queue", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    helped = run_mailgate("queue", "--help")
     for word in ("hold", "release", "show", "MAILGATE_CONFIG"):
         assert word in helped.stdout
 
