@@ -16,7 +16,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from mailgate.testing import LoopThread, _RecordingHandler, write_policy
-from tests.ops_support import REPO, sample, scrape, wait_until
+from tests.ops_support import mailgate, sample, scrape, wait_until
 from tests.rawsmtp import RawClient
 from tests.support import MESSAGE
 from tests.upstreams import _CountingSMTP, _ServingUpstream
@@ -269,14 +268,7 @@ def _run(tmp_path: Path, **policy: Any) -> subprocess.CompletedProcess[str]:
         tmp_path / "p.yaml",
         {"upstream": "smtp://127.0.0.1:9", "domains": ["example.com"], **policy},
     )
-    return subprocess.run(
-        [sys.executable, "-m", "mailgate", "run", "-c", str(path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return mailgate("run", "-c", str(path))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
