@@ -1,8 +1,7 @@
 """Real rspamd, spamd and clamd on free loopback ports, started and stopped by the tests.
 
 Each daemon runs as a private instance in a temporary folder of the test
-session (``/work/shared/reference/scanners.md`` records how, offline): its own
-config, no network modules, DNS pointed at a dead loopback port, logs in the
+session: its own config (written below), no network modules, DNS pointed at a dead loopback port, logs in the
 folder. The fixtures are session-scoped (rspamd's first start compiles tables
 into its DB folder for ~9 s; later starts in the same session reuse it), install
 nothing, and stop what they started. A missing binary is a skip outside CI and
