@@ -1,11 +1,12 @@
 """Real rspamd, spamd and clamd on free loopback ports, started and stopped by the tests.
 
 Each daemon runs as a private instance in a temporary folder of the test
-session: its own config (written below), no network modules, DNS pointed at a dead loopback port, logs in the
-folder. The fixtures are session-scoped (rspamd's first start compiles tables
-into its DB folder for ~9 s; later starts in the same session reuse it), install
-nothing, and stop what they started. A missing binary is a skip outside CI and
-a failure under CI (``.ci/run`` installs the Debian packages).
+session: its own config (written below), no network modules, DNS pointed at
+a dead loopback port, logs in the folder. The fixtures are session-scoped
+(rspamd's first start compiles tables into its DB folder for ~9 s; later
+starts in the same session reuse it), install nothing, and stop what they
+started. A missing binary is a skip outside CI and a failure under CI
+(``.ci/run`` installs the Debian packages).
 
 Daemons that drop privileges (rspamd refuses to run workers as root) get their
 folders chowned to their Debian users when the tests run as root.

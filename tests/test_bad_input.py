@@ -2,12 +2,11 @@
 
 Every test speaks byte-exact SMTP (``tests.rawsmtp``) to a gateway on
 127.0.0.1:0. Plugins that break the hook contract are in ``tests.bad_plugins``;
-an upstream that sends malformed replies is :class:`ScriptedUpstream` below.
+an upstream that sends malformed replies is ``tests.upstreams.ScriptedUpstream``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from mailgate import Action, Verdict
 from mailgate.stages import bad_result
 from mailgate.verdict import VerdictError
 from tests.rawsmtp import RawClient, wait_for
-from tests.support import MESSAGE, LoopThread, Received, RecordingUpstream
+from tests.support import MESSAGE, LoopThread
+from tests.upstreams import ScriptedUpstream
 
 EHLO = b"EHLO client.example.net"
 MAIL = b"MAIL FROM:<alice@example.net>"
@@ -265,57 +265,6 @@ def test_recipients_past_the_overshoot_bound_count_as_errors(make_gateway, upstr
 
 
 # ------------------------------------------------------------------ 5: malformed upstream replies
-
-
-class ScriptedUpstream(RecordingUpstream):
-    """A minimal SMTP upstream on 127.0.0.1:0 whose end-of-data reply is set by the test.
-
-    Only its server differs from the harness's recording upstream (stop, url).
-    """
-
-    def __init__(self, loop_thread: LoopThread) -> None:
-        self.data_reply = b"250 2.0.0 Ok: queued"
-        self.data_delay = 0.0
-        self.commands: list[bytes] = []
-        self.closed = 0
-        super().__init__(loop_thread)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        writer.write(b"220 scripted.test ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                line = line.rstrip(b"\r\n")
-                self.commands.append(line)
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(b"250-scripted.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go on\r\n")
-                    data = await reader.readuntil(b"\r\n.\r\n")
-                    self.messages.append(Received("", [], data))
-                    await asyncio.sleep(self.data_delay)
-                    writer.write(self.data_reply + b"\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.closed += 1
-            writer.close()
-
-    def start(self) -> None:
-        """Listen on a port the OS picks."""
-
-        async def _start() -> asyncio.Server:
-            return await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-        self.server = self.loop_thread.run(_start())
-        self.port = self.server.sockets[0].getsockname()[1]
 
 
 @pytest.fixture
