@@ -16,7 +16,7 @@ import pytest
 from mailgate import Action, Verdict
 from mailgate.stages import bad_result
 from mailgate.verdict import VerdictError
-from tests.rawsmtp import RawClient, wait_for
+from tests.rawsmtp import RawClient, send_message, wait_for
 from tests.support import MESSAGE, LoopThread
 from tests.upstreams import ScriptedUpstream
 
@@ -141,13 +141,7 @@ def test_a_bad_result_in_monitor_mode_is_recorded_and_changes_nothing(
             }
         }
     )
-    with RawClient(gw.port) as c:
-        assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply()[0] == 250
+    assert send_message(gw.port, MESSAGE)[0] == 250
     assert len(upstream.messages) == 1
     assert wait_for(lambda: any("buggy.bad_result:tempfail(monitor)" in x for x in decisions()))
 
@@ -169,11 +163,7 @@ def test_non_ascii_sender_without_smtputf8_gets_553_5_6_7_and_opens_no_upstream(
         assert (code, text[:5]) == (553, b"5.6.7")
         assert upstream.connections == 0
         # The state is consistent: the next MAIL is not "nested".
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply()[0] == 250
+        assert c.transaction(MESSAGE)[0] == 250
     assert len(upstream.messages) == 1
     assert _internal_errors(caplog) == []
 
@@ -294,19 +284,12 @@ def test_a_malformed_upstream_reply_is_a_4xx_and_the_upstream_connection_is_clos
     gw = make_gateway(upstream=scripted.url)
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == (451, b"4.4.2 Upstream sent a malformed reply, try again later")
+        reply = c.transaction(MESSAGE)
+        assert reply == (451, b"4.4.2 Upstream sent a malformed reply, try again later")
         assert wait_for(lambda: scripted.closed == 1)  # never reused
         # The session goes on; the next message gets a new upstream connection.
         scripted.data_reply = b"250 2.0.0 Ok: queued"
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == (250, b"2.0.0 Ok: queued")
+        assert c.transaction(MESSAGE) == (250, b"2.0.0 Ok: queued")
     assert scripted.connections == 2
     assert "malformed reply line" in caplog.text
     assert "Traceback" not in caplog.text
@@ -324,13 +307,7 @@ def test_a_malformed_upstream_reply_is_a_4xx_and_the_upstream_connection_is_clos
 def test_well_formed_upstream_replies_are_relayed(scripted, make_gateway, good, relayed):
     scripted.data_reply = good
     gw = make_gateway(upstream=scripted.url)
-    with RawClient(gw.port) as c:
-        assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == relayed
+    assert send_message(gw.port, MESSAGE) == relayed
 
 
 # ------------------------------------------------------------------ DATA size (RFC 1870)
@@ -357,11 +334,7 @@ def test_the_size_limit_counts_the_message_not_the_doubled_dots(make_gateway, up
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
         for message, expected in ((fits, 250), (over, 552), (fits, 250)):
-            assert c.cmd(MAIL)[0] == 250
-            assert c.cmd(RCPT)[0] == 250
-            assert c.cmd(b"DATA")[0] == 354
-            c.send(_stuffed(message) + b".\r\n")
-            assert c.reply()[0] == expected
+            assert c.transaction(_stuffed(message))[0] == expected
     assert len(upstream.messages) == 2
     assert upstream.messages[0].data.endswith(fits)
 
