@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def need_binary(name: str, package: str = "") -> str:
+    """The path of the program ``name`` (on ``PATH``, or in /usr/sbin or /usr/bin), else skip
+    the test; under CI (``$CI`` set, where ``.ci/run`` installs it) fail it instead."""
+    found = shutil.which(name) or next(
+        (p for d in ("/usr/sbin", "/usr/bin") if os.path.exists(p := f"{d}/{name}")), None
+    )
+    if found is None:
+        install = f"apt-get install {package}; " if package else ""
+        reason = f"{name} is not installed ({install}.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30) -> bool:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -29,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops_support import GatewayProcess, wait_until
+from tests.ops_support import GatewayProcess, need_binary, wait_until
 from tests.redis_support import RedisServer, free_port
 from tests.support import MESSAGE
 
@@ -121,17 +119,6 @@ class HAProxy:
                 self.process.wait(10)
 
 
-def _binary(name: str, hint: str) -> str:
-    """The path of ``name`` (also looked for in /usr/sbin), or skip (fail under CI)."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin")
-    if found is None:
-        reason = f"{name} is not installed ({hint}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
-
-
 def send(port: int, source: str) -> int:
     """One message through HAProxy from ``source``: the code of the reply that decided it."""
     with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as client:
@@ -167,9 +154,9 @@ class Cluster:
     """redis-server, two gateways and HAProxy, all on loopback ports chosen now."""
 
     def __init__(self, tmp: Path, stack: list[object]) -> None:
-        self.redis = RedisServer(_binary("redis-server", "apt-get install redis-server"), tmp)
+        self.redis = RedisServer(need_binary("redis-server", "redis-server"), tmp)
         stack.append(self.redis)
-        haproxy = _binary("haproxy", "apt-get install haproxy")
+        haproxy = need_binary("haproxy", "haproxy")
         self.gateways: list[GatewayProcess] = []
         self.maildirs: list[Path] = []
         ports = []
