@@ -68,18 +68,26 @@ def send_mail(port: int) -> None:
         assert client.rcpt("victim@elsewhere.org")[0] == 554
 
 
-def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslog_listener):
-    address = f"127.0.0.1:{syslog_listener.getsockname()[1]}"
+def run_to_syslog(
+    tmp_path: Path, upstream_url: str, listener: socket.socket, **log: str
+) -> tuple[GatewayProcess, int, list[str]]:
+    """Run a gateway that logs to ``listener``, send :func:`send_mail`'s two transactions
+    and stop it: the gateway, its port and the datagrams received so far."""
     port = free_port()
-    log = {"target": "syslog", "syslog_address": address}
-    gw = start(write_policy(tmp_path, port, upstream.url, log), tmp_path)
+    log = {"target": "syslog", "syslog_address": f"127.0.0.1:{listener.getsockname()[1]}", **log}
+    gw = start(write_policy(tmp_path, port, upstream_url, log), tmp_path)
     lines: list[str] = []
     try:
-        assert receive(syslog_listener, "mailgate ready on", lines), (lines, gw.log)
+        assert receive(listener, "mailgate ready on", lines), (lines, gw.log)
         send_mail(port)
-        assert receive(syslog_listener, "rejected_rcpts=", lines)
+        assert receive(listener, "rejected_rcpts", lines)
     finally:
         assert gw.stop() == 0
+    return gw, port, lines
+
+
+def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslog_listener):
+    gw, port, lines = run_to_syslog(tmp_path, upstream.url, syslog_listener)
     receive(syslog_listener, "INFO mailgate: stopped", lines, timeout=5)
     pid = gw.proc.pid
     for line in lines:  # <PRI>mailgate[PID]: LEVEL LOGGER: MESSAGE, NUL-terminated
@@ -95,18 +103,9 @@ def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslo
 
 
 def test_syslog_with_json_and_another_facility(tmp_path, upstream, syslog_listener):
-    address = f"127.0.0.1:{syslog_listener.getsockname()[1]}"
-    port = free_port()
-    log = {"target": "syslog", "syslog_address": address, "syslog_facility": "local3"}
-    log["format"] = "json"
-    gw = start(write_policy(tmp_path, port, upstream.url, log), tmp_path)
-    lines: list[str] = []
-    try:
-        assert receive(syslog_listener, "mailgate ready on", lines), (lines, gw.log)
-        send_mail(port)
-        assert receive(syslog_listener, "rejected_rcpts", lines)
-    finally:
-        assert gw.stop() == 0
+    gw, _, lines = run_to_syslog(
+        tmp_path, upstream.url, syslog_listener, syslog_facility="local3", format="json"
+    )
     local3_info = 19 * 8 + 6
     for line in lines:
         prefix = f"<{local3_info}>mailgate[{gw.proc.pid}]: "
