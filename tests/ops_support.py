@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,15 @@ def need_binary(name: str, package: str = "") -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return found
+
+
+def policy_file(tmp_path: Path, **keys: Any) -> Path:
+    """``tmp_path/policy.yaml`` for a CLI command: ``hostname: mailgate.test``,
+    ``domains: [example.com]`` and ``keys``."""
+    data = {"hostname": "mailgate.test", "domains": ["example.com"], **keys}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30) -> bool:
