@@ -25,10 +25,8 @@ class Key:
     algorithm: bytes
 
 
-@functools.cache
-def rsa_key(n: int = 0) -> Key:
-    """A 2048-bit RSA key (PKCS#1 PEM), made once per test session for each ``n``."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def rsa_pem_and_record(key: rsa.RSAPrivateKey) -> tuple[bytes, str]:
+    """``key`` as PKCS#1 PEM (as dkimpy signs with it), and the DKIM record publishing it."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
@@ -37,7 +35,14 @@ def rsa_key(n: int = 0) -> Key:
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return Key(pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}", b"rsa-sha256")
+    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+@functools.cache
+def rsa_key(n: int = 0) -> Key:
+    """A 2048-bit RSA key (PKCS#1 PEM), made once per test session for each ``n``."""
+    pem, record = rsa_pem_and_record(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return Key(pem, record, b"rsa-sha256")
 
 
 @functools.cache

@@ -90,6 +90,33 @@ def make_gateway(
 
 
 @pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """The spool folder of the queue policies (``queue_policy``)."""
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def queue_policy(spool: Path) -> Callable[..., dict[str, Any]]:
+    """Policy keys for queue mode on ``spool`` with fast retries; keywords override ``queue``.
+
+    A test module that wants other defaults overrides this fixture with a
+    ``functools.partial`` of it.
+    """
+
+    def make(**queue: Any) -> dict[str, Any]:
+        settings = {
+            "directory": str(spool),
+            "retry_min": "1s",
+            "retry_max": "2s",
+            "scan_interval": "1s",
+            **queue,
+        }
+        return {"delivery": "queue", "queue": settings}
+
+    return make
+
+
+@pytest.fixture
 def decisions(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
     """The decision log lines written so far."""
     caplog.set_level(logging.INFO, logger="mailgate")

@@ -42,6 +42,20 @@ class RawClient:
         self.send(line + b"\r\n")
         return self.reply()
 
+    def transaction(
+        self,
+        message: bytes,
+        sender: bytes = b"<alice@example.net>",
+        rcpt: bytes = b"<bob@example.com>",
+    ) -> tuple[int, bytes]:
+        """MAIL, one RCPT and DATA, each of which must pass, then ``message`` (its lines
+        ending in CRLF, dot-stuffed if need be) and the final dot; the reply to the dot."""
+        assert self.cmd(b"MAIL FROM:" + sender)[0] == 250
+        assert self.cmd(b"RCPT TO:" + rcpt)[0] == 250
+        assert self.cmd(b"DATA")[0] == 354
+        self.send(message + b".\r\n")
+        return self.reply()
+
     def replies(self, count: int) -> list[tuple[int, bytes]]:
         """The next ``count`` replies (for pipelined commands)."""
         return [self.reply() for _ in range(count)]
@@ -65,6 +79,18 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def send_message(
+    port: int,
+    message: bytes,
+    sender: bytes = b"<alice@example.net>",
+    rcpt: bytes = b"<bob@example.com>",
+) -> tuple[int, bytes]:
+    """EHLO and :meth:`RawClient.transaction` on a new connection; the reply to the dot."""
+    with RawClient(port) as client:
+        assert client.cmd(b"EHLO client.example.net")[0] == 250
+        return client.transaction(message, sender, rcpt)
 
 
 def wait_for(predicate: object, timeout: float = 20.0) -> bool:

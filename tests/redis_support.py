@@ -8,8 +8,6 @@ where that is a failure: ``.ci/run`` installs redis-server from Debian packages.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -17,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ops_support import need_binary
 
 START_TIMEOUT = 20.0
 
@@ -87,15 +87,7 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh redis-server on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = (
-            "redis-server is not installed (apt-get install redis-server; "
-            ".ci/run installs it): the Redis state tests cannot run"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    binary = need_binary("redis-server", "redis-server")
     try:
         server = RedisServer(binary, tmp_path)
     except RuntimeError:

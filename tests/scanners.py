@@ -1,12 +1,12 @@
 """Real rspamd, spamd and clamd on free loopback ports, started and stopped by the tests.
 
 Each daemon runs as a private instance in a temporary folder of the test
-session (``/work/shared/reference/scanners.md`` records how, offline): its own
-config, no network modules, DNS pointed at a dead loopback port, logs in the
-folder. The fixtures are session-scoped (rspamd's first start compiles tables
-into its DB folder for ~9 s; later starts in the same session reuse it), install
-nothing, and stop what they started. A missing binary is a skip outside CI and
-a failure under CI (``.ci/run`` installs the Debian packages).
+session: its own config (written below), no network modules, DNS pointed at
+a dead loopback port, logs in the folder. The fixtures are session-scoped
+(rspamd's first start compiles tables into its DB folder for ~9 s; later
+starts in the same session reuse it), install nothing, and stop what they
+started. A missing binary is a skip outside CI and a failure under CI
+(``.ci/run`` installs the Debian packages).
 
 Daemons that drop privileges (rspamd refuses to run workers as root) get their
 folders chowned to their Debian users when the tests run as root.
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ops_support import need_binary
 from tests.redis_support import free_port
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -71,18 +72,6 @@ rspamd_config:register_symbol({
 
 # Settings-IDs that make every message get one action: mg_add_header, mg_greylist, ...
 _RSPAMD_SETTINGS = "".join(_settings(a) for a in RSPAMD_ACTIONS)
-
-
-def _need(binary: str) -> str:
-    path = shutil.which(binary) or next(
-        (p for d in ("/usr/sbin", "/usr/bin") if os.path.exists(p := f"{d}/{binary}")), None
-    )
-    if path is None:
-        message = f"{binary} is not installed (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _chown(user: str, *paths: Path) -> None:
@@ -248,7 +237,7 @@ def _start(make: Callable[[], Setup], attempts: int = 3) -> Daemon:
 
 def start_rspamd(root: Path) -> Daemon:
     """rspamd with one normal worker on a free port; ``root/db`` keeps its compiled tables."""
-    binary = _need("rspamd")
+    binary = need_binary("rspamd", "rspamd")
     return _start(lambda: rspamd_setup(root, binary))
 
 
@@ -277,7 +266,7 @@ def spamd_setup(root: Path, binary: str = "spamd") -> Setup:
 
 def start_spamd(root: Path) -> Daemon:
     """spamd with one child, no network tests, GTUBE built in."""
-    binary = _need("spamd")
+    binary = need_binary("spamd", "spamd")
     daemon = _start(lambda: spamd_setup(root, binary))
     pidfile = root / "spamd.pid"
     if pidfile.exists():
@@ -287,7 +276,7 @@ def start_spamd(root: Path) -> Daemon:
 
 def start_clamd(root: Path) -> Daemon:
     """clamd with one hash signature: the 68-byte EICAR test string as ``Local.EICAR.HDB``."""
-    binary = _need("clamd")
+    binary = need_binary("clamd", "clamav-daemon")
     daemon = _start(lambda: clamd_setup(root, binary))
     daemon.socket = root / "clamd.sock"  # type: ignore[attr-defined]
     return daemon

@@ -2,24 +2,23 @@
 
 Every test speaks byte-exact SMTP (``tests.rawsmtp``) to a gateway on
 127.0.0.1:0. Plugins that break the hook contract are in ``tests.bad_plugins``;
-an upstream that sends malformed replies is :class:`ScriptedUpstream` below.
+an upstream that sends malformed replies is ``tests.upstreams.ScriptedUpstream``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
 from mailgate import Action, Verdict
 from mailgate.stages import bad_result
 from mailgate.verdict import VerdictError
-from tests.rawsmtp import RawClient, wait_for
+from tests.rawsmtp import RawClient, send_message, wait_for
 from tests.support import MESSAGE, LoopThread
+from tests.upstreams import ScriptedUpstream
 
 EHLO = b"EHLO client.example.net"
 MAIL = b"MAIL FROM:<alice@example.net>"
@@ -142,13 +141,7 @@ def test_a_bad_result_in_monitor_mode_is_recorded_and_changes_nothing(
             }
         }
     )
-    with RawClient(gw.port) as c:
-        assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply()[0] == 250
+    assert send_message(gw.port, MESSAGE)[0] == 250
     assert len(upstream.messages) == 1
     assert wait_for(lambda: any("buggy.bad_result:tempfail(monitor)" in x for x in decisions()))
 
@@ -170,11 +163,7 @@ def test_non_ascii_sender_without_smtputf8_gets_553_5_6_7_and_opens_no_upstream(
         assert (code, text[:5]) == (553, b"5.6.7")
         assert upstream.connections == 0
         # The state is consistent: the next MAIL is not "nested".
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply()[0] == 250
+        assert c.transaction(MESSAGE)[0] == 250
     assert len(upstream.messages) == 1
     assert _internal_errors(caplog) == []
 
@@ -268,79 +257,10 @@ def test_recipients_past_the_overshoot_bound_count_as_errors(make_gateway, upstr
 # ------------------------------------------------------------------ 5: malformed upstream replies
 
 
-@dataclass
-class ScriptedUpstream:
-    """A minimal SMTP upstream on 127.0.0.1:0 whose end-of-data reply is set by the test."""
-
-    loop_thread: LoopThread
-    data_reply: bytes = b"250 2.0.0 Ok: queued"
-    data_delay: float = 0.0
-    commands: list[bytes] = field(default_factory=list)
-    messages: int = 0
-    connections: int = 0
-    closed: int = 0
-    port: int = 0
-    server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        writer.write(b"220 scripted.test ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                line = line.rstrip(b"\r\n")
-                self.commands.append(line)
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(b"250-scripted.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go on\r\n")
-                    await reader.readuntil(b"\r\n.\r\n")
-                    self.messages += 1
-                    await asyncio.sleep(self.data_delay)
-                    writer.write(self.data_reply + b"\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.closed += 1
-            writer.close()
-
-    def start(self) -> None:
-        """Listen on a port the OS picks."""
-
-        async def _start() -> asyncio.Server:
-            return await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-        self.server = self.loop_thread.run(_start())
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self.server is not None:
-            server, self.server = self.server, None
-
-            async def _close() -> None:
-                server.close()
-                await server.wait_closed()
-
-            self.loop_thread.run(_close())
-
-    @property
-    def url(self) -> str:
-        """The ``smtp://`` URL for the policy."""
-        return f"smtp://127.0.0.1:{self.port}"
-
-
 @pytest.fixture
 def scripted(loop_thread: LoopThread) -> Iterator[ScriptedUpstream]:
     """A scripted upstream on 127.0.0.1:0."""
     upstream = ScriptedUpstream(loop_thread)
-    upstream.start()
     yield upstream
     upstream.stop()
 
@@ -364,19 +284,12 @@ def test_a_malformed_upstream_reply_is_a_4xx_and_the_upstream_connection_is_clos
     gw = make_gateway(upstream=scripted.url)
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == (451, b"4.4.2 Upstream sent a malformed reply, try again later")
+        reply = c.transaction(MESSAGE)
+        assert reply == (451, b"4.4.2 Upstream sent a malformed reply, try again later")
         assert wait_for(lambda: scripted.closed == 1)  # never reused
         # The session goes on; the next message gets a new upstream connection.
         scripted.data_reply = b"250 2.0.0 Ok: queued"
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == (250, b"2.0.0 Ok: queued")
+        assert c.transaction(MESSAGE) == (250, b"2.0.0 Ok: queued")
     assert scripted.connections == 2
     assert "malformed reply line" in caplog.text
     assert "Traceback" not in caplog.text
@@ -394,13 +307,7 @@ def test_a_malformed_upstream_reply_is_a_4xx_and_the_upstream_connection_is_clos
 def test_well_formed_upstream_replies_are_relayed(scripted, make_gateway, good, relayed):
     scripted.data_reply = good
     gw = make_gateway(upstream=scripted.url)
-    with RawClient(gw.port) as c:
-        assert c.cmd(EHLO)[0] == 250
-        assert c.cmd(MAIL)[0] == 250
-        assert c.cmd(RCPT)[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(MESSAGE + b".\r\n")
-        assert c.reply() == relayed
+    assert send_message(gw.port, MESSAGE) == relayed
 
 
 # ------------------------------------------------------------------ DATA size (RFC 1870)
@@ -427,11 +334,7 @@ def test_the_size_limit_counts_the_message_not_the_doubled_dots(make_gateway, up
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
         for message, expected in ((fits, 250), (over, 552), (fits, 250)):
-            assert c.cmd(MAIL)[0] == 250
-            assert c.cmd(RCPT)[0] == 250
-            assert c.cmd(b"DATA")[0] == 354
-            c.send(_stuffed(message) + b".\r\n")
-            assert c.reply()[0] == expected
+            assert c.transaction(_stuffed(message))[0] == expected
     assert len(upstream.messages) == 2
     assert upstream.messages[0].data.endswith(fits)
 
@@ -458,7 +361,7 @@ def test_an_upstream_timeout_closes_the_upstream_not_the_client_and_may_duplicat
         assert c.cmd(b"DATA")[0] == 354
         c.send(MESSAGE + b".\r\n")
         assert c.reply()[0] == 250
-    assert scripted.messages == 2  # the same message, twice
+    assert len(scripted.messages) == 2  # the same message, twice
 
 
 def test_after_an_internal_error_the_next_mail_is_not_nested(make_gateway, upstream, monkeypatch):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.ops_support import REPO, mailgate
+from tests.ops_support import REPO, mailgate, policy_file
 from tests.support import MESSAGE
 
 RULE = "tests.ops_plugins:Rule"
@@ -19,11 +20,6 @@ PROBE = "tests.ops_plugins:TxtProbe"
 def write(path: Path, data: Any) -> Path:
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def policy(tmp_path: Path, **keys: Any) -> Path:
-    data = {"hostname": "mailgate.test", "domains": ["example.com"], **keys}
-    return write(tmp_path / "policy.yaml", data)
 
 
 def test_an_accepted_message_shows_every_stage_and_exits_0(tmp_path, upstream):
@@ -44,7 +40,7 @@ def test_an_accepted_message_shows_every_stage_and_exits_0(tmp_path, upstream):
             "mode": "monitor",
         },
     }
-    path = policy(tmp_path, upstream=upstream.url, plugins=tags)
+    path = policy_file(tmp_path, upstream=upstream.url, plugins=tags)
     eml = tmp_path / "message.eml"
     eml.write_bytes(MESSAGE.replace(b"\r\n", b"\n"))  # LF endings, as files on disk have
     result = mailgate(
@@ -90,7 +86,7 @@ def test_a_refused_recipient_is_a_reject_with_exit_5_in_json(tmp_path):
     result = mailgate(
         "test",
         "-c",
-        str(policy(tmp_path)),
+        str(policy_file(tmp_path)),
         "--json",
         "--from",
         "alice@example.net",
@@ -120,7 +116,7 @@ def test_a_refused_recipient_is_a_reject_with_exit_5_in_json(tmp_path):
 
 
 def test_a_tempfail_exits_4_and_the_client_ip_drives_the_policy(tmp_path):
-    path = policy(
+    path = policy_file(
         tmp_path,
         trusted_networks=["203.0.113.0/24"],
         plugins={
@@ -136,7 +132,7 @@ def test_a_tempfail_exits_4_and_the_client_ip_drives_the_policy(tmp_path):
     args = ["test", "-c", str(path), "--from", "a@example.net", "--to", "x@elsewhere.org"]
     assert mailgate(*args, "--client-ip", "203.0.113.5").returncode == 0  # trusted: may relay
     assert mailgate(*args, "--client-ip", "198.51.100.5").returncode == 5
-    enforced = policy(
+    enforced = policy_file(
         tmp_path,
         plugins={
             "busy": {"module": RULE, "hook": "on_mail", "action": "tempfail", "rule": "probe.busy"}
@@ -152,7 +148,7 @@ def test_a_tempfail_exits_4_and_the_client_ip_drives_the_policy(tmp_path):
 def test_the_envelope_defaults_to_the_message_headers(tmp_path):
     eml = tmp_path / "m.eml"
     eml.write_bytes(MESSAGE)
-    result = mailgate("test", "-c", str(policy(tmp_path)), str(eml), "--json")
+    result = mailgate("test", "-c", str(policy_file(tmp_path)), str(eml), "--json")
     trace = json.loads(result.stdout)
     assert (trace["from"], trace["to"]) == ("alice@example.net", ["bob@example.com"])
     assert result.returncode == 0
@@ -160,7 +156,7 @@ def test_the_envelope_defaults_to_the_message_headers(tmp_path):
 
 def test_dns_goes_where_the_policy_says(tmp_path, dns_server):
     dns_server.add("probe.example.net", "TXT", "hello from dns")
-    path = policy(
+    path = policy_file(
         tmp_path,
         dns={"nameservers": [f"127.0.0.1:{dns_server.port}"]},
         plugins={"probe": {"module": PROBE}},
@@ -176,7 +172,7 @@ def test_dns_goes_where_the_policy_says(tmp_path, dns_server):
 
 def test_a_dry_run_never_touches_the_state_store(tmp_path):
     # Nothing listens on port 1: any use of this Redis would fail or hang.
-    path = policy(tmp_path, state="redis://127.0.0.1:1/0")
+    path = policy_file(tmp_path, state="redis://127.0.0.1:1/0")
     result = mailgate("test", "-c", str(path), "--from", "a@example.net", "--to", "b@example.com")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -186,9 +182,9 @@ def test_bad_input_exits_2_or_1_with_a_clear_message(tmp_path):
     result = mailgate("test", "-c", str(bad), "--from", "a@x.net", "--to", "b@example.com")
     assert result.returncode == 2
     assert f"{bad}:3:3: plugins.nosuch: unknown plugin 'nosuch'" in result.stderr
-    result = mailgate("test", "-c", str(policy(tmp_path)), str(tmp_path / "missing.eml"))
+    result = mailgate("test", "-c", str(policy_file(tmp_path)), str(tmp_path / "missing.eml"))
     assert result.returncode == 1 and "missing.eml" in result.stderr
-    result = mailgate("test", "-c", str(policy(tmp_path)), "--from", "a@x.net")
+    result = mailgate("test", "-c", str(policy_file(tmp_path)), "--from", "a@x.net")
     assert result.returncode == 1 and "no recipients" in result.stderr
 
 
@@ -224,7 +220,7 @@ CASES = {
 
 
 def test_cases_pass_with_hermetic_dns_and_the_sibling_policy(tmp_path):
-    policy(tmp_path, plugins={"probe": {"module": PROBE}})
+    policy_file(tmp_path, plugins={"probe": {"module": PROBE}})
     cases = write(tmp_path / "policy.cases.yaml", CASES)
     result = mailgate("test", "--cases", str(cases))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -234,7 +230,7 @@ def test_cases_pass_with_hermetic_dns_and_the_sibling_policy(tmp_path):
 
 
 def test_a_failing_case_is_reported_with_its_trace_and_exit_1(tmp_path):
-    path = policy(tmp_path, plugins={"probe": {"module": PROBE}})
+    path = policy_file(tmp_path, plugins={"probe": {"module": PROBE}})
     failing = CASES | {
         "cases": [
             CASES["cases"][0],
@@ -269,7 +265,7 @@ def test_a_failing_case_is_reported_with_its_trace_and_exit_1(tmp_path):
 
 
 def test_a_bad_cases_file_names_the_position(tmp_path):
-    policy(tmp_path)
+    policy_file(tmp_path)
     cases = write(
         tmp_path / "policy.cases.yaml",
         "cases:\n  - name: x\n    to: a@example.com\n    from: b@example.net\n"
@@ -289,3 +285,34 @@ def test_the_shipped_policy_cases_pass():
     assert any(f.endswith("policies/default.cases.yaml") for f in files)
     result = mailgate("test", "--cases", *files, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_trace_times_each_plugin_and_names_the_slow_one(tmp_path):
+    path = policy_file(
+        tmp_path,
+        plugins={
+            "slow": {"module": RULE, "hook": "on_mail", "delay": 0.08},
+            "quick": {"module": RULE, "hook": "on_mail"},
+        },
+    )
+    args = ["test", "-c", str(path), "--from", "alice@example.net", "--to", "bob@example.com"]
+    text = mailgate(*args)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    mail = next(i for i, line in enumerate(lines) if line.startswith("MAIL FROM:"))
+    timing = lines[mail + 1]
+    found = re.fullmatch(r"  time  slow (\d+\.\d{3})ms, quick (\d+\.\d{3})ms", timing)
+    assert found, timing
+    slow, quick = map(float, found.groups())
+    assert slow >= 80 and quick < 50
+    rcpt = next(line for line in lines if line.startswith("RCPT TO:"))
+    assert "relay_access " in lines[lines.index(rcpt) + 1]
+
+    result = mailgate(*args, "--json")
+    trace = json.loads(result.stdout)
+    [step] = [s for s in trace["steps"] if s["command"].startswith("MAIL")]
+    by_plugin = {p["plugin"]: p for p in step["plugins"]}
+    assert by_plugin["slow"]["hook"] == "on_mail" and by_plugin["slow"]["ms"] >= 80
+    assert by_plugin["quick"]["ms"] < 50
+    # The step's own time covers its plugins'.
+    assert step["ms"] >= sum(p["ms"] for p in step["plugins"])

@@ -39,6 +39,7 @@ from mailgate.dns import DnsTempError
 from mailgate.dnsadapters import KeyRecord, signature_key_name
 from mailgate.plugins._dkimverify import FastDKIM, canonical_body
 from mailgate.plugins.dkim import verify_all
+from tests.authsupport import rsa_pem_and_record
 
 SEED = 20261205
 BASES = 230
@@ -66,17 +67,9 @@ def _rsa(bits: int) -> CorpusKey:
         key = loaded
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    pem, record = rsa_pem_and_record(key)
     n = key.public_key().public_numbers().n
-    return CorpusKey(pem, record, (b"rsa-sha256", b"rsa-sha1"), n)
+    return CorpusKey(pem, record.encode(), (b"rsa-sha256", b"rsa-sha1"), n)
 
 
 def _ed25519() -> CorpusKey:

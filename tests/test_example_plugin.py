@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.testing import MESSAGE, gateway_harness
+from tests.ops_support import mailgate
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "invoice_guard"
 INVOICE = MESSAGE.replace(b"Subject: hello", b"Subject: Overdue invoice payment")
@@ -52,19 +53,19 @@ def test_example_plugin_loads_by_entry_point_name(installed_example, monkeypatch
     assert b"X-Invoice-Guard" not in plain
 
 
+def check(policy: Path, example: Path) -> subprocess.CompletedProcess[str]:
+    """``mailgate check -c POLICY`` with only the example package on ``PYTHONPATH``."""
+    return mailgate(
+        "check", "-c", str(policy), env={"PYTHONPATH": str(example), "PATH": "/usr/bin:/bin"}
+    )
+
+
 def test_example_plugin_loads_by_dotted_path_and_check_reports_it(installed_example, tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text(
         "plugins:\n  guard:\n    module: 'invoice_guard:InvoiceGuard'\n    threshold: two\n"
     )
-    env_path = f"{installed_example}"
-    result = subprocess.run(
-        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
-    )
+    result = check(policy, installed_example)
     assert result.returncode == 2
     assert result.stderr.startswith(f"{policy}:4:5: plugins.guard.threshold: ")
 
@@ -77,13 +78,7 @@ def test_example_plugin_config_errors_and_rule_typos_are_positioned(installed_ex
         "    keywords: [invoice, '']\n"
         "    rule_modes: {invoice_guard.suspicous: monitor}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(installed_example), "PATH": "/usr/bin:/bin"},
-    )
+    result = check(policy, installed_example)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"{policy}:3:5: plugins.invoice_guard.keywords: "
@@ -92,13 +87,7 @@ def test_example_plugin_config_errors_and_rule_typos_are_positioned(installed_ex
         "id 'invoice_guard.suspicous' (did you mean 'invoice_guard.suspicious'?)",
     ]
     policy.write_text("plugins:\n  invoice_guard:\n    keywords: [invoice, '']\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "mailgate", "check", "-c", str(policy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(installed_example), "PATH": "/usr/bin:/bin"},
-    )
+    result = check(policy, installed_example)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"{policy}:3:5: plugins.invoice_guard.keywords: "

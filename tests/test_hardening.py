@@ -16,7 +16,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,10 +27,10 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from mailgate.testing import LoopThread, _RecordingHandler, write_policy
-from tests.ops_support import REPO, sample, scrape, wait_until
+from tests.ops_support import mailgate, sample, scrape, wait_until
 from tests.rawsmtp import RawClient
 from tests.support import MESSAGE
-from tests.upstreams import _CountingSMTP, _ServingUpstream
+from tests.upstreams import ScriptedUpstream, _CountingSMTP, _ServingUpstream
 
 EHLO = b"EHLO client.example.net"
 RCPT = b"RCPT TO:<bob@example.com>"
@@ -162,10 +161,7 @@ def test_non_ascii_headers_are_refused_554_5_6_7_when_the_upstream_lacks_smtputf
 
 
 def test_smtputf8_goes_to_an_upstream_that_offers_it(make_gateway, loop_thread):
-    from tests.test_bad_input import ScriptedUpstream
-
     scripted = ScriptedUpstream(loop_thread)
-    scripted.start()
     try:
         gw = make_gateway(upstream=f"smtp://127.0.0.1:{scripted.port}")
         mail = "MAIL FROM:<élise@example.net> SMTPUTF8 BODY=8BITMIME".encode()
@@ -269,14 +265,7 @@ def _run(tmp_path: Path, **policy: Any) -> subprocess.CompletedProcess[str]:
         tmp_path / "p.yaml",
         {"upstream": "smtp://127.0.0.1:9", "domains": ["example.com"], **policy},
     )
-    return subprocess.run(
-        [sys.executable, "-m", "mailgate", "run", "-c", str(path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return mailgate("run", "-c", str(path))
 
 
 @pytest.mark.parametrize("workers", [1, 2])

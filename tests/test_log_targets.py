@@ -7,68 +7,35 @@ import json
 import logging
 import os
 import re
-import signal
 import smtplib
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mailgate.logformat import configure_logging
 from mailgate.policy import Logging
-from tests.ops_support import REPO, mailgate, wait_until
+from tests.ops_support import GatewayProcess, mailgate, wait_until
 from tests.redis_support import free_port
 from tests.support import MESSAGE
+from tests.support import write_policy as harness_policy
 
 MAIL_INFO = 2 * 8 + 6  # facility mail (2), severity info (6): <22>
-MAIL_WARNING = 2 * 8 + 4
 
 
 def write_policy(tmp_path: Path, port: int, upstream_url: str, log: dict[str, Any]) -> Path:
-    policy = {
-        "hostname": "mailgate.test",
-        "listen": [{"address": f"127.0.0.1:{port}"}],
-        "upstream": upstream_url,
-        "domains": ["example.com"],
-        "log": log,
-    }
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    return path
+    """A policy listening on ``port`` whose ``log`` section is ``log``."""
+    policy = {"listen": [{"address": f"127.0.0.1:{port}"}], "upstream": upstream_url}
+    return harness_policy(
+        tmp_path / "policy.yaml", {**policy, "domains": ["example.com"], "log": log}
+    )
 
 
-class Gateway:
-    """``mailgate run`` whose log goes elsewhere than standard error."""
-
-    def __init__(self, policy: Path, tmp_path: Path) -> None:
-        self.stderr_path = tmp_path / "stderr.log"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailgate", "run", "-c", str(policy)],
-            cwd=REPO,
-            stdout=self._stderr,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._stderr.close()
-        return self.proc.returncode
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+def start(policy: Path, tmp_path: Path) -> GatewayProcess:
+    """``mailgate run`` whose log goes elsewhere than standard error (so no ready line there)."""
+    return GatewayProcess(policy, tmp_path / "stderr.log", ready=False)
 
 
 @pytest.fixture
@@ -101,18 +68,26 @@ def send_mail(port: int) -> None:
         assert client.rcpt("victim@elsewhere.org")[0] == 554
 
 
-def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslog_listener):
-    address = f"127.0.0.1:{syslog_listener.getsockname()[1]}"
+def run_to_syslog(
+    tmp_path: Path, upstream_url: str, listener: socket.socket, **log: str
+) -> tuple[GatewayProcess, int, list[str]]:
+    """Run a gateway that logs to ``listener``, send :func:`send_mail`'s two transactions
+    and stop it: the gateway, its port and the datagrams received so far."""
     port = free_port()
-    log = {"target": "syslog", "syslog_address": address}
-    gw = Gateway(write_policy(tmp_path, port, upstream.url, log), tmp_path)
+    log = {"target": "syslog", "syslog_address": f"127.0.0.1:{listener.getsockname()[1]}", **log}
+    gw = start(write_policy(tmp_path, port, upstream_url, log), tmp_path)
     lines: list[str] = []
     try:
-        assert receive(syslog_listener, "mailgate ready on", lines), (lines, gw.stderr)
+        assert receive(listener, "mailgate ready on", lines), (lines, gw.log)
         send_mail(port)
-        assert receive(syslog_listener, "rejected_rcpts=", lines)
+        assert receive(listener, "rejected_rcpts", lines)
     finally:
         assert gw.stop() == 0
+    return gw, port, lines
+
+
+def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslog_listener):
+    gw, port, lines = run_to_syslog(tmp_path, upstream.url, syslog_listener)
     receive(syslog_listener, "INFO mailgate: stopped", lines, timeout=5)
     pid = gw.proc.pid
     for line in lines:  # <PRI>mailgate[PID]: LEVEL LOGGER: MESSAGE, NUL-terminated
@@ -124,22 +99,13 @@ def test_syslog_gets_every_line_with_the_mail_facility(tmp_path, upstream, syslo
     assert f"<{MAIL_INFO}>mailgate[{pid}]: INFO mailgate: mailgate ready on 127.0.0.1:{port}" in (
         "".join(lines)
     )
-    assert "mailgate ready" not in gw.stderr  # syslog instead of standard error
+    assert "mailgate ready" not in gw.log  # syslog instead of standard error
 
 
 def test_syslog_with_json_and_another_facility(tmp_path, upstream, syslog_listener):
-    address = f"127.0.0.1:{syslog_listener.getsockname()[1]}"
-    port = free_port()
-    log = {"target": "syslog", "syslog_address": address, "syslog_facility": "local3"}
-    log["format"] = "json"
-    gw = Gateway(write_policy(tmp_path, port, upstream.url, log), tmp_path)
-    lines: list[str] = []
-    try:
-        assert receive(syslog_listener, "mailgate ready on", lines), (lines, gw.stderr)
-        send_mail(port)
-        assert receive(syslog_listener, "rejected_rcpts", lines)
-    finally:
-        assert gw.stop() == 0
+    gw, _, lines = run_to_syslog(
+        tmp_path, upstream.url, syslog_listener, syslog_facility="local3", format="json"
+    )
     local3_info = 19 * 8 + 6
     for line in lines:
         prefix = f"<{local3_info}>mailgate[{gw.proc.pid}]: "
@@ -154,7 +120,7 @@ def test_a_log_file_survives_logrotate(tmp_path, upstream):
     logfile = tmp_path / "log" / "mailgate.log"
     logfile.parent.mkdir()
     log = {"target": "file", "file": str(logfile)}
-    gw = Gateway(write_policy(tmp_path, port, upstream.url, log), tmp_path)
+    gw = start(write_policy(tmp_path, port, upstream.url, log), tmp_path)
     try:
         assert wait_until(lambda: logfile.exists() and "mailgate ready on" in logfile.read_text())
         send_mail(port)
@@ -171,7 +137,7 @@ def test_a_log_file_survives_logrotate(tmp_path, upstream):
     assert old.count("mailgate.decision") == 2 and "mailgate ready on" in old
     assert new.count("mailgate.decision") == 2 and "mailgate ready on" not in new
     assert "INFO mailgate: stopped" in new
-    assert gw.stderr == ""
+    assert gw.log == ""
 
 
 def test_bad_log_targets_are_clear_errors(tmp_path, upstream):

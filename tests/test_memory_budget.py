@@ -21,8 +21,8 @@ from mailgate.relay import stuffed_pieces
 from mailgate.rewrite import HeaderStrip, assemble, strip_headers
 from mailgate.workers import worker_share
 from tests.ops_support import GatewayProcess, sample, scrape
-from tests.rawsmtp import RawClient, wait_for
-from tests.support import LoopThread, RecordingUpstream, RunningGateway, write_policy
+from tests.rawsmtp import RawClient, send_message, wait_for
+from tests.support import RecordingUpstream, RunningGateway, write_policy
 
 MB = 1_000_000
 
@@ -76,10 +76,10 @@ def budget_empty() -> None:
 # ------------------------------------------------------------------ the whole story
 
 
-def test_concurrent_big_messages_past_a_small_budget(tmp_path: Path) -> None:
+def test_concurrent_big_messages_past_a_small_budget(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
     """Six 8 MB messages at once, 20 MB budget: some 250, the rest 452 4.3.1, none lost."""
-    loop = LoopThread()
-    upstream = RecordingUpstream(loop)
     policy = {
         "upstream": upstream.url,
         "domains": ["example.com"],
@@ -136,18 +136,11 @@ def test_concurrent_big_messages_past_a_small_budget(tmp_path: Path) -> None:
 
         # The gateway serves normally afterwards.
         small = big_message(99, 20_000)
-        with RawClient(gateway.port) as client:
-            client.cmd(b"EHLO client.example.net")
-            assert client.cmd(b"MAIL FROM:<a99@example.net>")[0] == 250
-            assert client.cmd(b"RCPT TO:<b99@example.com>")[0] == 250
-            assert client.cmd(b"DATA")[0] == 354
-            client.send(wire(small) + b".\r\n")
-            assert client.reply()[0] == 250
+        reply = send_message(gateway.port, wire(small), b"<a99@example.net>", b"<b99@example.com>")
+        assert reply[0] == 250
         assert relayed_as(upstream.messages[-1].data, small)
     finally:
         gateway.stop()
-        upstream.stop()
-        loop.stop()
 
 
 # ------------------------------------------------------------------ memory, in process

@@ -6,11 +6,9 @@ import ast
 import inspect
 import ipaddress
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import mailgate
 from mailgate import (
@@ -27,9 +25,9 @@ from mailgate import (
 from mailgate.registry import BUILTINS, builtin_plugins, load_policy
 from mailgate.rules import unknown_rule_message
 from mailgate.yamlsource import SourceError, load
-from tests.ops_support import REPO, sample, scrape, wait_until
+from tests.ops_support import REPO, policy_file, sample, scrape, wait_until
 from tests.ops_support import mailgate as run_mailgate
-from tests.rawsmtp import RawClient
+from tests.rawsmtp import send_message
 
 CONTRACT = "tests.sample_plugins.contract"
 PUBLIC_MODULES = {"mailgate", "mailgate.authresults", "mailgate.dnsadapters"}
@@ -39,13 +37,6 @@ def errors_of(text: str) -> list[str]:
     with pytest.raises(SourceError) as caught:
         load_policy(load(text, "p.yaml"))
     return caught.value.messages
-
-
-def write_policy(tmp_path: Path, **keys: Any) -> Path:
-    path = tmp_path / "policy.yaml"
-    data = {"hostname": "mailgate.test", "domains": ["example.com"], **keys}
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------ the public API
@@ -152,7 +143,7 @@ def test_mode_of_applies_the_plugin_mode_and_the_rule_modes():
 
 
 def test_mailgate_rules_lists_every_rule_of_the_loaded_plugins(tmp_path):
-    path = write_policy(tmp_path, plugins={"spf": {"rule_modes": {"spf.fail": "monitor"}}})
+    path = policy_file(tmp_path, plugins={"spf": {"rule_modes": {"spf.fail": "monitor"}}})
     result = run_mailgate("rules", "-c", str(path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -168,7 +159,7 @@ def test_mailgate_rules_lists_the_concrete_ids_of_placeholders(tmp_path):
         {"key": "client_ip", "rate": "100/1h", "name": "per_client"},
         {"key": "sender", "rate": "5/1m", "name": "bulk", "action": "reject"},
     ]
-    path = write_policy(
+    path = policy_file(
         tmp_path,
         plugins={
             "headers": {
@@ -205,7 +196,7 @@ def test_configured_rules_must_be_instances_of_declared_placeholders(tmp_path):
 
 
 def test_a_monitored_header_rule_is_on_the_decision_line_of_mailgate_test(tmp_path):
-    path = write_policy(
+    path = policy_file(
         tmp_path,
         upstream=f"maildir:{tmp_path / 'mail'}",
         plugins={"headers": {"rule_modes": {"headers.missing_date": "monitor"}}},
@@ -221,13 +212,7 @@ def test_a_list_of_verdicts_is_recorded_in_order_and_the_reject_ends_the_stage(
     make_gateway, upstream, decisions
 ):
     gw = make_gateway(plugins={"two": {"module": f"{CONTRACT}:TwoFindings"}})
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply() == (550, b"5.7.1 No")
+    assert send_message(gw.port, b"Subject: x\r\n\r\nbody\r\n") == (550, b"5.7.1 No")
     assert "verdicts=two.tag:tag,two.reject:reject" in decisions()[-1]
     assert upstream.messages == []
 
@@ -241,13 +226,7 @@ def test_a_monitored_rule_in_a_list_never_ends_the_stage(make_gateway, upstream,
             }
         }
     )
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply()[0] == 250
+    assert send_message(gw.port, b"Subject: x\r\n\r\nbody\r\n")[0] == 250
     assert "verdicts=two.tag:tag,two.reject:reject(monitor)" in decisions()[-1]
 
 
@@ -258,13 +237,7 @@ def test_a_monitored_header_rule_is_counted_in_the_verdict_metrics(make_gateway,
     )
     bound = gw.gateway.metrics_server.bound
     assert bound is not None
-    with RawClient(gw.port) as client:
-        assert client.cmd(b"EHLO client.example.net")[0] == 250
-        assert client.cmd(b"MAIL FROM:<a@example.net>")[0] == 250
-        assert client.cmd(b"RCPT TO:<b@example.com>")[0] == 250
-        assert client.cmd(b"DATA")[0] == 354
-        client.send(b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
-        assert client.reply()[0] == 250
+    assert send_message(gw.port, b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n")[0] == 250
     labels = {"plugin": "headers", "rule": "headers.missing_date", "action": "reject"}
     assert wait_until(
         lambda: sample(scrape(bound[1]), "mailgate_verdicts_total", **labels, mode="monitor") == 1
@@ -290,7 +263,7 @@ def test_a_plugin_that_breaks_the_hook_contract_is_refused(cls, message):
 
 
 def test_check_exits_2_for_a_hookwrapper_plugin(tmp_path):
-    path = write_policy(tmp_path, plugins={"bad": {"module": f"{CONTRACT}:HookWrapper"}})
+    path = policy_file(tmp_path, plugins={"bad": {"module": f"{CONTRACT}:HookWrapper"}})
     result = run_mailgate("check", "-c", str(path))
     assert result.returncode == 2
     assert "plugins.bad: invalid plugin: hook on_data is a hookwrapper" in result.stderr
@@ -299,7 +272,7 @@ def test_check_exits_2_for_a_hookwrapper_plugin(tmp_path):
 
 def test_a_bad_pattern_compiled_in_init_is_a_policy_error_not_a_traceback(tmp_path):
     plugin = {"module": f"{CONTRACT}:BadPatternInInit", "pattern": "(["}
-    path = write_policy(tmp_path, plugins={"guard": plugin})
+    path = policy_file(tmp_path, plugins={"guard": plugin})
     result = run_mailgate("check", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().endswith(

@@ -17,7 +17,7 @@ from mailgate.plugins.actions import Fault, RuleSetting
 from mailgate.plugins.headers import HeadersConfig, check_headers, rulebook
 from mailgate.runtime import Runtime
 from mailgate.yamlsource import SourceError, load
-from tests.rawsmtp import RawClient
+from tests.rawsmtp import send_message
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 FIXTURES = Path(__file__).parent / "fixtures" / "eml"
@@ -150,20 +150,10 @@ def test_one_verdict_per_fault_with_enforced_rejects_last():
 # ------------------------------------------------------------------ over SMTP
 
 
-def _send(port: int, body: bytes, sender: bytes = b"<alice@example.net>") -> tuple[int, bytes]:
-    with RawClient(port) as c:
-        assert c.cmd(b"EHLO client.example.net")[0] == 250
-        assert c.cmd(b"MAIL FROM:" + sender)[0] == 250
-        assert c.cmd(b"RCPT TO:<bob@example.com>")[0] == 250
-        assert c.cmd(b"DATA")[0] == 354
-        c.send(body + b".\r\n")
-        return c.reply()
-
-
 def test_duplicate_from_is_refused_with_a_reply_that_names_it(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {}})
     path = FIXTURES / "headers.duplicate_from.eml"
-    assert _send(gw.port, eml(path)) == (550, b"5.6.0 Duplicate From header")
+    assert send_message(gw.port, eml(path)) == (550, b"5.6.0 Duplicate From header")
     assert upstream.messages == []
     [line] = decisions()
     assert "verdicts=headers.duplicate_from:reject" in line
@@ -173,7 +163,7 @@ def test_a_nul_in_a_header_is_refused_by_the_core_before_the_plugin(
     make_gateway, upstream, decisions
 ):
     gw = make_gateway(plugins={"headers": {}})
-    assert _send(gw.port, GOOD + b"X-Nul: a\x00b\r\n\r\nbody\r\n") == (
+    assert send_message(gw.port, GOOD + b"X-Nul: a\x00b\r\n\r\nbody\r\n") == (
         550,
         b"5.6.0 NUL byte in message content",
     )
@@ -185,19 +175,21 @@ def test_a_nul_in_a_header_is_refused_by_the_core_before_the_plugin(
 def test_a_good_message_passes_untouched(make_gateway, upstream):
     gw = make_gateway(plugins={"headers": {}})
     body = eml(FIXTURES / "ok-plain.eml")
-    assert _send(gw.port, body)[0] == 250
+    assert send_message(gw.port, body)[0] == 250
     assert upstream.messages[0].data.endswith(body)
 
 
 def test_a_long_header_line_is_refused_though_the_protocol_allows_long_lines(make_gateway):
     gw = make_gateway(plugins={"headers": {}})
     body = GOOD + b"X-Long: " + b"x" * 3000 + b"\r\n\r\nbody\r\n"
-    assert _send(gw.port, body) == (550, b"5.6.0 Header line 3 longer than 998 octets")
+    assert send_message(gw.port, body) == (550, b"5.6.0 Header line 3 longer than 998 octets")
 
 
 def test_repair_adds_message_id_and_date(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {"repair": ["Message-ID", "Date"]}})
-    assert _send(gw.port, b"From: alice@example.net\r\nSubject: hi\r\n\r\nbody\r\n")[0] == 250
+    assert (
+        send_message(gw.port, b"From: alice@example.net\r\nSubject: hi\r\n\r\nbody\r\n")[0] == 250
+    )
     [msg] = upstream.messages
     head = msg.data.split(b"\r\n\r\n")[0]
     assert b"\r\nMessage-ID: <" in head and b"@mailgate.test>" in head
@@ -209,28 +201,31 @@ def test_a_tag_adds_its_score(make_gateway, upstream):
     gw = make_gateway(
         plugins={"headers": {"rules": {"headers.duplicate_from": {"action": "tag", "score": 6}}}}
     )
-    assert _send(gw.port, eml(FIXTURES / "headers.duplicate_from.eml"))[0] == 250
+    assert send_message(gw.port, eml(FIXTURES / "headers.duplicate_from.eml"))[0] == 250
     head = upstream.messages[0].data.split(b"\r\n\r\n")[0]
     assert b"X-Spam-Score: 6\r\n" in head and b"X-Spam-Flag: YES\r\n" in head
 
 
 def test_monitor_under_rules_is_on_the_decision_line(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {"rules": {"headers.missing_date": "monitor"}}})
-    assert _send(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
+    assert send_message(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
     assert "verdicts=headers.missing_date:reject(monitor)" in decisions()[-1]
 
 
 def test_rule_modes_monitor_is_on_the_decision_line(make_gateway, upstream, decisions):
     gw = make_gateway(plugins={"headers": {"rule_modes": {"headers.missing_date": "monitor"}}})
-    assert _send(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
+    assert send_message(gw.port, eml(FIXTURES / "headers.missing_date.eml"))[0] == 250
     assert "verdicts=headers.missing_date:reject(monitor)" in decisions()[-1]
 
 
 def test_eight_bit_headers_pass_with_smtputf8(make_gateway, tmp_path):
     gw = make_gateway(upstream=f"maildir:{tmp_path / 'mail'}", plugins={"headers": {}})
     body = GOOD + "Subject: café\r\n\r\nbody\r\n".encode()
-    assert _send(gw.port, body) == (550, b"5.6.0 8-bit bytes in header section without SMTPUTF8")
-    assert _send(gw.port, body, b"<alice@example.net> SMTPUTF8")[0] == 250
+    assert send_message(gw.port, body) == (
+        550,
+        b"5.6.0 8-bit bytes in header section without SMTPUTF8",
+    )
+    assert send_message(gw.port, body, b"<alice@example.net> SMTPUTF8")[0] == 250
 
 
 def _load(text: str) -> Runtime:

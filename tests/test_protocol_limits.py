@@ -21,14 +21,6 @@ MAIL = b"MAIL FROM:<alice@example.net>"
 RCPT = b"RCPT TO:<bob@example.com>"
 
 
-def _send_message(c: RawClient, body: bytes = MESSAGE) -> tuple[int, bytes]:
-    assert c.cmd(MAIL)[0] == 250
-    assert c.cmd(RCPT)[0] == 250
-    assert c.cmd(b"DATA")[0] == 354
-    c.send(body + b".\r\n")
-    return c.reply()
-
-
 def _readable(c: RawClient) -> bool:
     return bool(select.select([c.sock], [], [], 0)[0])
 
@@ -138,7 +130,7 @@ def test_a_delivery_resets_the_error_count(make_gateway, upstream):
         for _ in range(3):
             assert c.cmd(b"RCPT TO:<x@example.com>")[0] == 503
             assert c.cmd(b"DATA")[0] == 503
-            assert _send_message(c)[0] == 250
+            assert c.transaction(MESSAGE)[0] == 250
     assert len(upstream.messages) == 3
 
 
@@ -258,7 +250,7 @@ def test_no_timeout_cancels_an_upstream_commit(make_gateway, upstream, decisions
     gw = make_gateway(limits={"idle_timeout": "300ms", "data_timeout": "300ms"})
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        code, text = _send_message(c)
+        code, text = c.transaction(MESSAGE)
         assert code == 250, text
         assert c.cmd(b"QUIT")[0] == 221
     assert len(upstream.messages) == 1
@@ -270,7 +262,7 @@ def test_commands_after_a_slow_commit_still_get_a_fresh_wait(make_gateway, upstr
     gw = make_gateway(limits={"idle_timeout": "500ms"})
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        assert _send_message(c)[0] == 250
+        assert c.transaction(MESSAGE)[0] == 250
         assert c.cmd(b"NOOP")[0] == 250  # sent at once: within the renewed idle timeout
         assert c.reply()[0] == 421  # then silence is cut off
 
@@ -351,7 +343,7 @@ def test_long_body_lines_up_to_the_limit_are_relayed_intact(make_gateway, tmp_pa
     line = b"<p>" + b"x" * 5000 + b"</p>\r\n"
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        assert _send_message(c, MESSAGE + line)[0] == 250
+        assert c.transaction(MESSAGE + line)[0] == 250
     [stored] = _maildir_messages(mail)
     assert stored.endswith(line)
 
@@ -360,6 +352,6 @@ def test_a_line_over_the_limit_refuses_the_message_and_the_session_goes_on(make_
     gw = make_gateway(limits={"line_length": 2000})
     with RawClient(gw.port) as c:
         assert c.cmd(EHLO)[0] == 250
-        assert _send_message(c, MESSAGE + b"y" * 3000 + b"\r\n") == (500, b"5.5.2 Line too long")
-        assert _send_message(c)[0] == 250
+        assert c.transaction(MESSAGE + b"y" * 3000 + b"\r\n") == (500, b"5.5.2 Line too long")
+        assert c.transaction(MESSAGE)[0] == 250
     assert len(upstream.messages) == 1

@@ -7,12 +7,9 @@ import email.policy
 import json
 import os
 import re
-import signal
 import smtplib
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +18,16 @@ import pytest
 from mailgate.cli import main as mailgate
 from mailgate.queue import route_key
 from mailgate.queue.delivery import backoff
-from tests.ops_support import wait_until
-from tests.support import MESSAGE, LoopThread, RecordingUpstream
+from tests.ops_support import REPO, GatewayProcess, wait_until
+from tests.support import (
+    MESSAGE,
+    LoopThread,
+    RecordingUpstream,
+    message_ids,
+    queue_policy_file,
+    queued_ids,
+)
 from tests.upstreams import XclientUpstream
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The spool folder of the queue policies below."""
-    return tmp_path / "spool"
-
-
-@pytest.fixture
-def queue_policy(spool: Path) -> Callable[..., dict[str, Any]]:
-    """Policy keys for queue mode with fast retries; keyword arguments override ``queue``."""
-
-    def make(**queue: Any) -> dict[str, Any]:
-        settings = {
-            "directory": str(spool),
-            "retry_min": "1s",
-            "retry_max": "2s",
-            "scan_interval": "1s",
-            **queue,
-        }
-        return {"delivery": "queue", "queue": settings}
-
-    return make
 
 
 @pytest.fixture
@@ -57,12 +36,6 @@ def second(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
     server = RecordingUpstream(loop_thread)
     yield server
     server.stop()
-
-
-def queued_ids(spool: Path) -> list[str]:
-    """The ids with an envelope in the spool."""
-    folder = spool / "queue"
-    return sorted(p.stem for p in folder.glob("*.env")) if folder.exists() else []
 
 
 def test_250_means_spooled_and_delivery_follows(make_gateway, upstream, spool, queue_policy):
@@ -340,44 +313,6 @@ def test_a_stray_file_in_the_queue_folder_does_not_stop_the_start(tmp_path):
 # ------------------------------------------------------------- kill -9 with mail in the queue
 
 
-class _Gateway:
-    """``mailgate run`` as a child process; its port read from its log."""
-
-    def __init__(self, policy: Path, log: Path) -> None:
-        self.log = log
-        self.handle = log.open("ab")
-        offset = log.stat().st_size if log.exists() else 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mailgate", "run", "-c", str(policy)],
-            cwd=ROOT,
-            stdout=self.handle,
-            stderr=subprocess.STDOUT,
-        )
-        found: list[int] = []
-
-        def ready() -> bool:
-            text = log.read_bytes()[offset:].decode(errors="replace")
-            found.extend(int(p) for p in re.findall(r"mailgate ready on [\d.]+:(\d+)", text))
-            return bool(found) or self.process.poll() is not None
-
-        assert wait_until(ready, timeout=60), "gateway did not start"
-        assert found, log.read_text()
-        self.port = found[0]
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no flush, nothing."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self.handle.close()
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
-        self.handle.close()
-
-
 def test_kill_9_loses_nothing_accepted(upstream, tmp_path, spool):
     """Accept mail while delivering, kill -9, restart: every accepted message arrives.
 
@@ -385,27 +320,12 @@ def test_kill_9_loses_nothing_accepted(upstream, tmp_path, spool):
     """
     total, kill_after = 80, 40
     upstream.behaviour.data_delay = 0.02  # deliveries are in flight when the kill lands
-    policy = tmp_path / "queue.yaml"
-    policy.write_text(
-        json.dumps(
-            {
-                "hostname": "mailgate.test",
-                "listen": [{"address": "127.0.0.1:0"}],
-                "upstream": upstream.url,
-                "domains": ["example.com"],
-                "delivery": "queue",
-                # Spool first, so that deliveries from the queue are in flight at the kill.
-                "queue": {
-                    "directory": str(spool),
-                    "retry_min": "1s",
-                    "scan_interval": "1s",
-                    "handoff_timeout": 0,
-                },
-            }
-        )
+    # Spool first, so that deliveries from the queue are in flight at the kill.
+    policy = queue_policy_file(
+        tmp_path / "queue.yaml", upstream, scan_interval="1s", handoff_timeout=0
     )
     log = tmp_path / "gateway.log"
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     accepted: list[str] = []
     try:
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
@@ -423,18 +343,13 @@ def test_kill_9_loses_nothing_accepted(upstream, tmp_path, spool):
         gw.stop()
     in_spool = len(queued_ids(spool))
     delivered_before = len(upstream.messages)
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     try:
-
-        def ids() -> list[str]:
-            found = [re.search(rb"Message-ID: (<[^>]+>)", m.data) for m in upstream.messages]
-            return [m.group(1).decode() for m in found if m]
-
-        assert wait_until(lambda: set(accepted) <= set(ids()), timeout=90), log.read_text()
+        assert wait_until(lambda: set(accepted) <= set(message_ids(upstream)), timeout=90), gw.log
         assert wait_until(lambda: queued_ids(spool) == [], timeout=30)
     finally:
         gw.stop()
-    delivered = ids()
+    delivered = message_ids(upstream)
     lost = set(accepted) - set(delivered)
     duplicates = len(delivered) - len(set(delivered))
     print(
@@ -450,7 +365,7 @@ def test_kill_9_loses_nothing_accepted(upstream, tmp_path, spool):
 
 @pytest.mark.parametrize("name", ["queue.yaml", "behind-haproxy.yaml"])
 def test_example_policies_are_valid(name, capsys):
-    assert mailgate(["check", "-c", str(ROOT / "policies" / "examples" / name)]) == 0
+    assert mailgate(["check", "-c", str(REPO / "policies" / "examples" / name)]) == 0
 
 
 def test_routes_need_queue_mode(tmp_path, capsys):

@@ -5,40 +5,20 @@
 
 from __future__ import annotations
 
-import json
-import re
 import smtplib
 import threading
 from pathlib import Path
 
-from tests.ops_support import wait_until
-from tests.support import MESSAGE
-from tests.test_queue import _Gateway, queued_ids
-
-
-def _ids(upstream) -> list[str]:
-    found = [re.search(rb"Message-ID: (<[^>]+>)", m.data) for m in upstream.messages]
-    return [m.group(1).decode() for m in found if m]
+from tests.ops_support import GatewayProcess, wait_until
+from tests.support import MESSAGE, message_ids, queue_policy_file, queued_ids
 
 
 def test_kill_9_during_handoff_loses_nothing(upstream, tmp_path: Path):
     spool = tmp_path / "spool"
     upstream.behaviour.data_delay = 0.4  # each handoff waits here: the kill lands inside one
-    policy = tmp_path / "queue.yaml"
-    policy.write_text(
-        json.dumps(
-            {
-                "hostname": "mailgate.test",
-                "listen": [{"address": "127.0.0.1:0"}],
-                "upstream": upstream.url,
-                "domains": ["example.com"],
-                "delivery": "queue",
-                "queue": {"directory": str(spool), "retry_min": "1s", "handoff_timeout": "5s"},
-            }
-        )
-    )
+    policy = queue_policy_file(tmp_path / "queue.yaml", upstream, handoff_timeout="5s")
     log = tmp_path / "gateway.log"
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     accepted: list[str] = []
     cut = False
     try:
@@ -56,18 +36,18 @@ def test_kill_9_during_handoff_loses_nothing(upstream, tmp_path: Path):
                     break
                 accepted.append(mid)
                 # Lockstep: the 250 came from the upstream, so the message is there now.
-                assert mid in _ids(upstream)
+                assert mid in message_ids(upstream)
     finally:
         gw.stop()
     assert cut and len(accepted) == 5
     assert queued_ids(spool) == []  # nothing was spooled: every 250 was the upstream's
     upstream.behaviour.data_delay = 0.0
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     try:
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
             client.sendmail("alice@example.net", ["bob@example.com"], MESSAGE)
-        assert wait_until(lambda: "<1@example.net>" in _ids(upstream))
-        assert set(accepted) <= set(_ids(upstream))
+        assert wait_until(lambda: "<1@example.net>" in message_ids(upstream))
+        assert set(accepted) <= set(message_ids(upstream))
         assert queued_ids(spool) == []
     finally:
         gw.stop()
@@ -77,21 +57,9 @@ def test_kill_9_with_spooled_handoffs_loses_nothing(upstream, tmp_path: Path):
     """The upstream defers every handoff (451 at DATA): all mail is spooled; kill; restart."""
     spool = tmp_path / "spool"
     upstream.behaviour.data_reply = "451 4.3.0 Try later"
-    policy = tmp_path / "queue.yaml"
-    policy.write_text(
-        json.dumps(
-            {
-                "hostname": "mailgate.test",
-                "listen": [{"address": "127.0.0.1:0"}],
-                "upstream": upstream.url,
-                "domains": ["example.com"],
-                "delivery": "queue",
-                "queue": {"directory": str(spool), "retry_min": "1s", "scan_interval": "1s"},
-            }
-        )
-    )
+    policy = queue_policy_file(tmp_path / "queue.yaml", upstream, scan_interval="1s")
     log = tmp_path / "gateway.log"
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     accepted: list[str] = []
     try:
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
@@ -106,9 +74,9 @@ def test_kill_9_with_spooled_handoffs_loses_nothing(upstream, tmp_path: Path):
         gw.stop()
     assert len(queued_ids(spool)) == 10 and upstream.messages == []
     upstream.behaviour.data_reply = None
-    gw = _Gateway(policy, log)
+    gw = GatewayProcess(policy, log)
     try:
-        assert wait_until(lambda: set(accepted) <= set(_ids(upstream)), timeout=60)
+        assert wait_until(lambda: set(accepted) <= set(message_ids(upstream)), timeout=60)
         assert wait_until(lambda: queued_ids(spool) == [])
     finally:
         gw.stop()

@@ -8,6 +8,7 @@ test machines may not have.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -24,32 +25,15 @@ import pytest
 from mailgate.cli import main as mailgate
 from mailgate.queue.delivery import backoff
 from mailgate.queue.spool import STATS, Entry, Spool, digest, new_id
-from tests.ops_support import REPO, wait_until
+from tests.ops_support import mailgate as run_mailgate
+from tests.ops_support import wait_until
 from tests.support import MESSAGE
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The spool folder of the policies below."""
-    return tmp_path / "spool"
-
-
-@pytest.fixture
-def queue_policy(spool: Path) -> Callable[..., dict[str, Any]]:
-    """Queue mode, spool first (so the tests place files before delivery), fast retries."""
-
-    def make(**queue: Any) -> dict[str, Any]:
-        settings = {
-            "directory": str(spool),
-            "retry_min": "1s",
-            "retry_max": "2s",
-            "scan_interval": "1s",
-            "handoff_timeout": 0,
-            **queue,
-        }
-        return {"delivery": "queue", "queue": settings}
-
-    return make
+def queue_policy(queue_policy: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Spool first (so the tests place files before delivery)."""
+    return functools.partial(queue_policy, handoff_timeout=0)
 
 
 @pytest.fixture
@@ -286,14 +270,7 @@ def test_queue_list_into_a_closed_pipe_and_mailgate_config(tmp_path, spool):
     )
     assert done.stderr == "" and len(done.stdout.splitlines()) == 1
     assert f"{done.stdout.split()[0]}.env" in os.listdir(spool / "queue")
-    helped = subprocess.run(
-        [sys.executable, "-m", "mailgate", "queue", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    helped = run_mailgate("queue", "--help")
     for word in ("hold", "release", "show", "MAILGATE_CONFIG"):
         assert word in helped.stdout
 

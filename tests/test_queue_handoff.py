@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 import smtplib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,45 +14,13 @@ import pytest
 from mailgate.queue.handoff import RefusalCache
 from mailgate.verdict import Reply
 from tests.ops_support import wait_until
-from tests.support import MESSAGE
+from tests.support import MESSAGE, envelopes
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The spool folder of the policies below."""
-    return tmp_path / "spool"
-
-
-@pytest.fixture
-def queue_policy(spool: Path) -> Callable[..., dict[str, Any]]:
-    """Queue mode with lockstep handoff and fast retries; keywords override ``queue``."""
-
-    def make(**queue: Any) -> dict[str, Any]:
-        settings = {
-            "directory": str(spool),
-            "retry_min": "1s",
-            "retry_max": "2s",
-            "scan_interval": "1s",
-            "handoff_timeout": "2s",
-            **queue,
-        }
-        return {"delivery": "queue", "queue": settings}
-
-    return make
-
-
-def queued(spool: Path) -> list[dict[str, Any]]:
-    """The envelopes in the spool."""
-    folder = spool / "queue"
-    if not folder.exists():
-        return []
-    found = []
-    for path in sorted(folder.glob("*.env")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except FileNotFoundError:
-            continue  # delivered between the listing and the read
-    return found
+def queue_policy(queue_policy: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Lockstep handoff with a 2 s budget."""
+    return functools.partial(queue_policy, handoff_timeout="2s")
 
 
 def transaction(gw: Any, rcpts: list[str]) -> list[tuple[int, bytes]]:
@@ -82,7 +49,7 @@ def test_accepted_in_lockstep_is_upstream_and_never_spooled(
     assert [code for code, _ in replies] == [250, 250, 250]
     assert replies[-1][1] == b"2.0.0 Ok: queued as 1"  # the upstream's own reply
     assert len(upstream.messages) == 1  # already there when the client heard 250
-    assert queued(spool) == [] and upstream.mail_commands == 1
+    assert envelopes(spool) == [] and upstream.mail_commands == 1
     time.sleep(1.5)  # a scan later: nothing was left to deliver twice
     assert len(upstream.messages) == 1
 
@@ -112,7 +79,7 @@ def test_permanent_refusals_reach_the_client_at_their_stage(
     upstream.behaviour.data_command_reply = None
 
     time.sleep(1.5)
-    assert queued(spool) == []  # refused mail is never spooled, so it never bounces
+    assert envelopes(spool) == []  # refused mail is never spooled, so it never bounces
     assert len(upstream.messages) == 1
 
 
@@ -144,14 +111,14 @@ def test_what_the_upstream_cannot_take_now_is_spooled(
     assert re.fullmatch(rb"2\.0\.0 Ok: queued as [0-9A-F]+", replies[-1][1])
     if fault == "slow":
         assert elapsed < 1.4  # the budget, not the upstream, decided when the client heard 250
-    [envelope] = queued(spool)
+    [envelope] = envelopes(spool)
     assert envelope["recipients"] == ["bob@example.com"]
     # The upstream recovers: the queue delivers the spooled copy.
     if fault == "down":
         upstream.start()
     b.mail_reply = b.data_reply = b.data_command_reply = None
     b.data_delay, b.drop_at_data = 0.0, False
-    assert wait_until(lambda: queued(spool) == [])
+    assert wait_until(lambda: envelopes(spool) == [])
     # A slow upstream may still take the copy it was given: a duplicate, never a loss.
     expected = (1, 2) if fault in ("slow", "drop_at_data") else (1,)
     assert wait_until(lambda: len(upstream.messages) in expected)
@@ -166,7 +133,7 @@ def test_a_recipient_deferred_by_the_upstream_is_spooled_the_rest_delivered_now(
     assert [code for code, _ in replies] == [250, 250, 250, 250]
     assert re.fullmatch(rb"2\.0\.0 Ok: delivered, the rest queued as [0-9A-F]+", replies[-1][1])
     assert upstream.messages[0].recipients == ["bob@example.com"]
-    [envelope] = queued(spool)
+    [envelope] = envelopes(spool)
     assert envelope["recipients"] == ["later@example.com"]
 
 
@@ -185,7 +152,7 @@ def test_a_refused_recipient_is_refused_during_an_outage(
     replies = transaction(gw, ["nobody@example.com", "bob@example.com", "new@example.com"])
     assert replies[1] == (550, b"5.1.1 No such user")  # remembered, not spooled
     assert [code for code, _ in replies[2:]] == [250, 250, 250]
-    [envelope] = queued(spool)
+    [envelope] = envelopes(spool)
     # A recipient never seen before is spooled: the upstream decides when it is back.
     assert envelope["recipients"] == ["bob@example.com", "new@example.com"]
 
@@ -219,7 +186,7 @@ def test_no_dsn_to_an_unverified_sender(make_gateway, upstream, queue_policy, sp
     gw = make_gateway(**queue_policy())
     assert [c for c, _ in transaction(gw, ["nobody@example.com"])] == [250, 250, 250]
     upstream.start()
-    assert wait_until(lambda: queued(spool) == [])
+    assert wait_until(lambda: envelopes(spool) == [])
     time.sleep(0.5)
     assert upstream.messages == []  # no DSN to a sender that may be forged
     assert any("dsn suppressed" in r.getMessage() for r in caplog.records)

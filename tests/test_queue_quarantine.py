@@ -17,16 +17,10 @@ from mailgate.cli import main as mailgate
 from mailgate.metrics import Metrics
 from mailgate.queue.spool import STATS
 from tests.ops_support import wait_until
-from tests.support import MESSAGE
+from tests.support import MESSAGE, envelopes
 
 HOLD = "tests.queue_plugins:Hold"
 MARKED = MESSAGE.replace(b"Subject: hello", b"Subject: quarantine-me")
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The spool folder of the policies below."""
-    return tmp_path / "spool"
 
 
 @pytest.fixture
@@ -45,14 +39,6 @@ def policy(spool: Path) -> Callable[..., dict[str, Any]]:
         }
 
     return make
-
-
-def envelopes(spool: Path) -> list[dict[str, Any]]:
-    """The envelopes in the spool."""
-    folder = spool / "queue"
-    if not folder.exists():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.env"))]
 
 
 def send(gw: Any, message: bytes = MARKED) -> tuple[int, bytes]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class MailgateProcess:
-    """``python -m gateway run`` in its own session; :meth:`kill` ends the whole tree."""
+    """``python -m mailgate run`` in its own session; :meth:`kill` ends the whole tree."""
 
     def __init__(self, policy: Path, log: Path) -> None:
         self.log = log

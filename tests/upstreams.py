@@ -8,6 +8,8 @@ back to the greeting stage, so EHLO is needed again; ``550 5.7.0`` when not
 authorized; ``501`` on a bad attribute) and XFORWARD (``250``; the attributes
 apply to the next transaction only). It is used where a real Postfix is not
 installed, and for the refusals that a correctly configured Postfix never gives.
+``ScriptedUpstream`` is a bare SMTP server whose reply to the message a test
+sets (malformed replies, a slow one).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from mailgate.testing import LoopThread, RecordingUpstream, _RecordingHandler
+from mailgate.testing import LoopThread, Received, RecordingUpstream, _RecordingHandler
 
 _ATTRIBUTES = {"NAME", "ADDR", "PORT", "PROTO", "HELO"}
 
@@ -171,3 +173,54 @@ class XclientUpstream(_ServingUpstream):
     def protocol(self, loop: asyncio.AbstractEventLoop) -> SMTP:
         """An SMTP server that understands XCLIENT and XFORWARD."""
         return _XclientSMTP(self, loop=loop)
+
+
+class ScriptedUpstream(RecordingUpstream):
+    """A minimal SMTP upstream on 127.0.0.1:0 whose end-of-data reply is set by the test.
+
+    Only its server differs from the harness's recording upstream (stop, url).
+    """
+
+    def __init__(self, loop_thread: LoopThread) -> None:
+        self.data_reply = b"250 2.0.0 Ok: queued"
+        self.data_delay = 0.0
+        self.commands: list[bytes] = []
+        self.closed = 0
+        super().__init__(loop_thread)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                line = line.rstrip(b"\r\n")
+                self.commands.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-scripted.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go on\r\n")
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append(Received("", [], data))
+                    await asyncio.sleep(self.data_delay)
+                    writer.write(self.data_reply + b"\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+    def start(self) -> None:
+        """Listen on a port the OS picks."""
+
+        async def _start() -> asyncio.Server:
+            return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+        self.server = self.loop_thread.run(_start())
+        self.port = self.server.sockets[0].getsockname()[1]
