@@ -1,4 +1,4 @@
-"""``python -m gateway`` runs the ``mailgate`` command."""
+"""``python -m mailgate`` runs the ``mailgate`` command."""
 
 import sys
 
