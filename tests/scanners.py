@@ -131,6 +131,8 @@ class Daemon:
         self.process = process
         self.log = log
         self.pid: int | None = None
+        self.socket: Path | None = None
+        """The daemon's unix socket, when it listens on one too."""
 
     @property
     def address(self) -> str:
@@ -154,7 +156,10 @@ class Setup:
 
 
 def rspamd_setup(root: Path, binary: str = "rspamd") -> Setup:
-    """Write a private rspamd config under ``root`` (one normal worker on a free port).
+    """Write a private rspamd config under ``root``: one normal worker, a free port and a socket.
+
+    The worker also listens on the unix socket ``root/run/normal.sock`` (a
+    folder ``_rspamd`` owns, as rspamd removes and re-creates it).
 
     ``root/db`` keeps the tables rspamd compiles on its first start (~9 s); a
     later start with the same ``root`` takes under a second.
@@ -178,6 +183,7 @@ def rspamd_setup(root: Path, binary: str = "rspamd") -> Setup:
         '  .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"\n}\n'
         'logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "warning"; }\n'
         f'worker "normal" {{\n  bind_socket = "127.0.0.1:{port}";\n'
+        f'  bind_socket = "{run}/normal.sock mode=0666";\n'
         '  .include "$CONFDIR/worker-normal.inc"\n  count = 1;\n}\n'
     )
     _chown("_rspamd", db, run, logs)
@@ -185,9 +191,9 @@ def rspamd_setup(root: Path, binary: str = "rspamd") -> Setup:
             f"--var=LOCAL_CONFDIR={root}", f"--var=DBDIR={db}", f"--var=RUNDIR={run}",
             f"--var=LOGDIR={logs}"]  # fmt: skip
     ping = b"GET /ping HTTP/1.0\r\n\r\n"
-    return Setup(
-        "rspamd", argv, port, lambda: b"pong" in _exchange(port, ping, b"pong"), logs / "rspamd.log"
-    )
+    sock = run / "normal.sock"
+    ready = lambda: sock.is_socket() and b"pong" in _exchange(port, ping, b"pong")  # noqa: E731
+    return Setup("rspamd", argv, port, ready, logs / "rspamd.log")
 
 
 def clamd_setup(root: Path, binary: str = "clamd") -> Setup:
@@ -236,13 +242,22 @@ def _start(make: Callable[[], Setup], attempts: int = 3) -> Daemon:
 
 
 def start_rspamd(root: Path) -> Daemon:
-    """rspamd with one normal worker on a free port; ``root/db`` keeps its compiled tables."""
+    """rspamd with one normal worker on a free port and ``root/run/normal.sock``.
+
+    ``root/db`` keeps its compiled tables.
+    """
     binary = need_binary("rspamd", "rspamd")
-    return _start(lambda: rspamd_setup(root, binary))
+    daemon = _start(lambda: rspamd_setup(root, binary))
+    daemon.socket = root / "run" / "normal.sock"
+    return daemon
 
 
 def spamd_setup(root: Path, binary: str = "spamd") -> Setup:
-    """Write a private SpamAssassin site config under ``root``: no network tests, no Bayes."""
+    """Write a private SpamAssassin site config under ``root``: no network tests, no Bayes.
+
+    One spamd listens on a free port and on the unix socket ``root/spamd.sock``
+    (``--listen`` may be given twice; ``root`` belongs to ``debian-spamd``).
+    """
     port = free_port()
     site, home = root / "site", root / "home"
     for folder in (site, home):
@@ -255,19 +270,21 @@ def spamd_setup(root: Path, binary: str = "spamd") -> Setup:
     )
     user = ["-u", "debian-spamd"] if os.geteuid() == 0 else []
     _chown("debian-spamd", home, root)
-    argv = [binary, f"--listen=127.0.0.1:{port}", "-C", "/usr/share/spamassassin",
-            f"--siteconfigpath={site}", *user, "-x", "-L", "-H", str(home),
-            "-r", str(root / "spamd.pid"), "-s", str(root / "spamd.log"), "--min-children=1",
-            "--max-children=1", "--min-spare=1", "--max-spare=1"]  # fmt: skip
+    argv = [binary, f"--listen=127.0.0.1:{port}", f"--listen={root}/spamd.sock",
+            "-C", "/usr/share/spamassassin", f"--siteconfigpath={site}", *user, "-x", "-L",
+            "-H", str(home), "-r", str(root / "spamd.pid"), "-s", str(root / "spamd.log"),
+            "--min-children=1", "--max-children=1", "--min-spare=1", "--max-spare=1"]  # fmt: skip
     ping = b"PING SPAMC/1.5\r\n\r\n"
-    ready = lambda: b"PONG" in _exchange(port, ping, b"PONG")  # noqa: E731
+    sock = root / "spamd.sock"
+    ready = lambda: sock.is_socket() and b"PONG" in _exchange(port, ping, b"PONG")  # noqa: E731
     return Setup("spamd", argv, port, ready, root / "spamd.log")
 
 
 def start_spamd(root: Path) -> Daemon:
-    """spamd with one child, no network tests, GTUBE built in."""
+    """spamd with one child on a free port and ``root/spamd.sock``; GTUBE built in."""
     binary = need_binary("spamd", "spamd")
     daemon = _start(lambda: spamd_setup(root, binary))
+    daemon.socket = root / "spamd.sock"
     pidfile = root / "spamd.pid"
     if pidfile.exists():
         daemon.pid = int(pidfile.read_text().split()[0])
@@ -278,7 +295,7 @@ def start_clamd(root: Path) -> Daemon:
     """clamd with one hash signature: the 68-byte EICAR test string as ``Local.EICAR.HDB``."""
     binary = need_binary("clamd", "clamav-daemon")
     daemon = _start(lambda: clamd_setup(root, binary))
-    daemon.socket = root / "clamd.sock"  # type: ignore[attr-defined]
+    daemon.socket = root / "clamd.sock"
     return daemon
 
 
@@ -293,7 +310,7 @@ def scanner_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def rspamd(scanner_root: Path) -> Iterator[Daemon]:
-    """A private rspamd (normal worker) on a free loopback port."""
+    """A private rspamd (normal worker) on a free loopback port and a unix socket."""
     daemon = start_rspamd(scanner_root / "rspamd")
     yield daemon
     daemon.stop()
@@ -301,7 +318,7 @@ def rspamd(scanner_root: Path) -> Iterator[Daemon]:
 
 @pytest.fixture(scope="session")
 def spamd(scanner_root: Path) -> Iterator[Daemon]:
-    """A private spamd on a free loopback port."""
+    """A private spamd on a free loopback port and a unix socket."""
     daemon = start_spamd(scanner_root / "spamd")
     yield daemon
     daemon.stop()

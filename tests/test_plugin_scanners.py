@@ -156,6 +156,20 @@ def test_rspamd_each_action_maps_to_its_verdict(
         assert headers["X-Spam-Action"] == "add header"
 
 
+def test_rspamd_over_a_unix_socket_refuses_gtube_and_tags_a_clean_message(
+    make_gateway, rspamd, upstream, decisions
+):
+    gw = make_gateway(**scanner_policy("rspamd", servers=[f"unix:{rspamd.socket}"]))
+    assert send(gw, GTUBE_MESSAGE) == (550, b"5.7.1 Gtube pattern")
+    assert upstream.messages == []
+    assert "verdicts=rspamd.reject:reject" in decisions()[-1]
+    assert send(gw)[0] == 250  # the kept-alive unix connection is reused
+    headers = headers_of(upstream.messages[-1].data)
+    assert headers["X-Spam-Action"] == "no action"
+    assert headers["X-Spam-Score"].endswith("/ 15.00")
+    assert "verdicts=rspamd.clean:tag" in decisions()[-1]
+
+
 def test_rspamd_soft_reject_tempfails_with_rspamd_message(make_gateway, rspamd, upstream):
     gw = make_gateway(**scanner_policy("rspamd", servers=[rspamd.address]))
     message = MESSAGE.replace(b"Subject: hello", b"Subject: hello\r\nX-Test-Soft-Reject: 1")
@@ -322,6 +336,20 @@ def test_spamassassin_clean_message_passes_with_headers_forged_ones_removed(
     headers = headers_of(data)
     assert headers["X-Spam-Status"].startswith("No, score=")
     assert data.endswith(MESSAGE.split(b"\r\n\r\n", 1)[1])
+
+
+def test_spamassassin_over_a_unix_socket_refuses_gtube_and_tags_a_clean_message(
+    make_gateway, spamd, upstream, decisions
+):
+    gw = make_gateway(**scanner_policy("spamassassin", servers=[f"unix:{spamd.socket}"]))
+    assert send(gw, GTUBE_MESSAGE) == (550, b"5.7.1 Spam message rejected")
+    assert upstream.messages == []
+    assert 'spamassassin="True 1000' in decisions()[-1]
+    assert send(gw)[0] == 250
+    headers = headers_of(upstream.messages[-1].data)
+    assert headers["X-Spam-Flag"] == "NO"
+    assert headers["X-Spam-Status"].startswith("No, score=")
+    assert "verdicts=spamassassin.clean:tag" in decisions()[-1]
 
 
 def test_spamassassin_closed_mid_reply_or_down_is_an_error_not_a_traceback(
