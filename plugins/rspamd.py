@@ -3,10 +3,11 @@
 Hook: ``on_data``. The request carries the raw message and what rspamd uses
 of the transaction: ``IP`` (the client), ``Helo``, ``From`` (the envelope
 sender, ``<>`` for the null sender), one ``Rcpt`` per recipient,
-``Queue-Id`` (the transaction id), ``MTA-Name`` (our hostname), ``User``
-(when the session has an authenticated user) and ``Settings-ID`` (when
-``settings_id`` is set). HTTP/1.1 connections are kept and reused (aiohttp,
-one pool per server).
+``Queue-Id`` (the transaction id), ``MTA-Name`` (our hostname) and
+``Settings-ID`` (when ``settings_id`` is set). No ``Hostname``: the gateway
+keeps no verified reverse name of the client, and rspamd looks up the PTR
+itself when its modules need one. No ``User``: mailgate has no SMTP AUTH.
+HTTP/1.1 connections are kept and reused (aiohttp, one pool per server).
 
 Rule ids: rspamd's ``action`` becomes an outcome (rule id ``rspamd.<outcome>``)
 whose action the policy may re-map under ``actions:``:
@@ -68,7 +69,6 @@ from mailgate.plugins.scanning import (
     ScanSupport,
     ScanUnavailable,
     Server,
-    authenticated_user,
     folded,
     one_line,
     scanner_rules,
@@ -187,8 +187,6 @@ class Rspamd:
             headers.add("Rcpt", f"<{one_line(rcpt, 512)}>")
         headers["Queue-Id"] = envelope.id
         headers["MTA-Name"] = self.hostname
-        if user := authenticated_user(session):
-            headers["User"] = one_line(user, 255)
         if self.config.settings_id:
             headers["Settings-ID"] = self.config.settings_id
         return headers

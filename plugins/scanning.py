@@ -17,11 +17,12 @@ Not a plugin. Each scanner plugin composes a :class:`ScanSupport` and gets:
   action, a scanner-side error).
 - **max_size**: a bigger message is not sent; ``NAME.too_big`` records it.
 - **exemptions**: clients in ``trusted_networks`` (``exempt_trusted``), in
-  ``exempt_networks``, authenticated senders (``exempt_authenticated``, when
-  the session carries an authenticated user), and transactions whose every
-  recipient is in ``exempt_recipients`` (addresses or whole domains): one
-  DATA reply covers every recipient, so one unlisted recipient means a scan.
-  ``NAME.exempt`` records the reason.
+  ``exempt_networks``, and transactions whose every recipient is in
+  ``exempt_recipients`` (addresses or whole domains): one DATA reply covers
+  every recipient, so one unlisted recipient means a scan. ``NAME.exempt``
+  records the reason. (There is no exemption for authenticated senders:
+  mailgate offers no SMTP AUTH and accepts no XCLIENT, so a session never
+  carries an authenticated identity.)
 - **actions**: each outcome (rule id ``NAME.<outcome>``) has a default action
   that ``actions: {outcome: reject | tempfail | tag}`` re-maps.
 - **a decision-line entry**: ``NAME="<result> <ms>ms"`` (the scanner's score,
@@ -127,7 +128,6 @@ class ScannerConfig(PluginConfig):
     retry_after: Duration = 10.0
     """How long a failed server is skipped before it is tried again."""
     exempt_trusted: bool = True
-    exempt_authenticated: bool = True
     exempt_networks: list[NetworkField] = Field(default_factory=list)
     exempt_recipients: list[str] = Field(default_factory=list)
     actions: dict[str, ActionName] = Field(default_factory=dict)
@@ -158,7 +158,7 @@ def scanner_rules(name: str, *, unavailable: str, error: str) -> tuple[Rule, ...
     and ``NAME.error`` (``on_error``), these two described by the arguments.
     """
     return (
-        Rule(f"{name}.exempt", "tag", "not scanned: exempt client, sender or recipients", 0.0),
+        Rule(f"{name}.exempt", "tag", "not scanned: exempt client or recipients", 0.0),
         Rule(f"{name}.too_big", "tag", "not scanned: message over max_size", 0.0),
         Rule(f"{name}.unavailable", "tempfail", unavailable, 0.0),
         Rule(f"{name}.error", "tempfail", error, 0.0),
@@ -189,12 +189,6 @@ def folded(text: str, width: int = 76) -> str:
     return "\r\n\t".join(lines)
 
 
-def authenticated_user(session: Session) -> str | None:
-    """The session's authenticated user, when the core records one (SMTP AUTH, XCLIENT LOGIN)."""
-    user = getattr(session, "auth_user", None)
-    return user if isinstance(user, str) and user else None
-
-
 class ScanSupport:
     """Servers, failover, timeouts, exemptions and outcome mapping for one scanner plugin."""
 
@@ -222,8 +216,6 @@ class ScanSupport:
             return f"client {session.client_ip} is in trusted_networks"
         if any(session.client_ip in net for net in cfg.exempt_networks):
             return f"client {session.client_ip} is in exempt_networks"
-        if cfg.exempt_authenticated and (user := authenticated_user(session)):
-            return f"authenticated sender {user}"
         if self._exempt_rcpts and envelope.recipients:
             rcpts = [r.lower() for r in envelope.recipients]
             if all(r in self._exempt_rcpts or r.rpartition("@")[2] in self._exempt_rcpts

@@ -96,6 +96,9 @@ def test_rspamd_spamassassin_clamav_bad_config_is_an_error_naming_the_key(make_g
         make_gateway(**scanner_policy("clamav", servers=["nowhere"]))
     with pytest.raises(SourceError, match=r"plugins\.spamassassin\.on_error"):
         make_gateway(**scanner_policy("spamassassin", servers=[DEAD], on_error="ignore"))
+    # no session has an authenticated user (no SMTP AUTH, no inbound XCLIENT): no such key
+    with pytest.raises(SourceError, match=r"plugins\.rspamd\.exempt_authenticated"):
+        make_gateway(**scanner_policy("rspamd", servers=[DEAD], exempt_authenticated=False))
 
 
 # ------------------------------------------------------------------ rspamd
@@ -222,6 +225,7 @@ def test_rspamd_sends_envelope_facts_one_rcpt_header_per_recipient(
                      "rcpt: <bob@example.com>", "rcpt: <carol@example.com>",
                      "settings-id: inbound", "mta-name: mailgate.test", "queue-id: "):  # fmt: skip
         assert expected in head
+    assert "\r\nhostname:" not in head and "\r\nuser:" not in head  # none known: not sent
     assert request.endswith(MESSAGE)
     assert headers_of(upstream.messages[-1].data)["X-Spam-Symbols"] == "R_X"
 
