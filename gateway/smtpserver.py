@@ -82,6 +82,7 @@ from mailgate.context import IPAddress, VerdictRecord
 from mailgate.decisionlog import emit_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
+from mailgate.queue.handoff import OTHER_ROUTE
 from mailgate.session import TOO_MANY_RECIPIENTS, SmtpSession
 from mailgate.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
 from mailgate.verdict import Reply
@@ -789,7 +790,7 @@ class SmtpServer(asyncio.Protocol):
             self._overshoot += 1
             self._send(reply, count=self._overshoot > self.limits.recipient_overshoot)
             return
-        self._send(reply)
+        self._send(reply, count=reply is not OTHER_ROUTE)  # sent in a later transaction
 
     async def _data_command(self, arg: str) -> None:
         if self._helo is None:

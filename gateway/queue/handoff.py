@@ -1,7 +1,7 @@
 """Queue mode's session side: lockstep with the upstream while it answers, the spool otherwise.
 
 ``QueueTransaction`` is what the session drives in ``delivery: queue``. While
-the upstream of the default route (``upstream``) answers within
+the upstream (the route's first server) answers within
 ``queue.handoff_timeout``, MAIL, each RCPT and the message are handed over in
 lockstep, as in in-line mode, and the client hears the upstream's replies:
 
@@ -22,9 +22,19 @@ spooled. A recipient never seen before is spooled during an outage; if the
 upstream refuses it later, a DSN goes out only under the rules of
 :func:`sender_verified` (see ``docs/delivery.md``).
 
-While every server of ``upstream`` is marked down (``down_for``, after a
-failed connection) MAIL skips the lockstep and the message is spooled at
-once. Recipients routed elsewhere by ``routes`` are spooled without lockstep.
+Routes (``routes``) get the same lockstep: a transaction locks onto the route
+of its first recipient (the route's servers, as ``upstream`` for the default
+route). With no ``routes``, MAIL goes upstream when the client sends it; with
+``routes``, when the first RCPT names the route (the client already has its
+250 for MAIL, so a 5xx to MAIL refuses that RCPT with the server's reply). A
+recipient of another route, while the lockstep is live, gets
+:data:`OTHER_ROUTE` (``452 4.5.3``): RFC 5321 §4.5.3.1.10 has the client send
+it in a later transaction, which locks onto its route in turn. Once a
+transaction spools (the route's server down, 4xx, or slow), it takes every
+route's recipients into the spool, as before.
+
+While every server of the route is marked down (``down_for``, after a failed
+connection) the lockstep is skipped and the message is spooled at once.
 ``handoff_timeout: 0`` turns the lockstep off (spool first, as before 0.x).
 """
 
@@ -52,6 +62,8 @@ SPOOL_FAILED = Reply(451, "Could not write the message to the queue, try again l
 HANDOFF_SLOW = Reply(451, "Upstream slower than the handoff budget", "4.4.2")
 _MAIL_OK = Reply(250, "Ok", "2.1.0")
 _RCPT_OK = Reply(250, "Ok", "2.1.5")
+OTHER_ROUTE = Reply(452, "Too many recipients for this transaction", "4.5.3")
+"""A recipient of another route than the lockstep's: the client sends it later (not an error)."""
 _CACHE_SIZE = 10_000
 
 
@@ -140,12 +152,18 @@ class QueueTransaction:
         self.identity = identity
         self.sender = ""
         self.options: list[str] = []
+        self.route: str | None = None
+        """The route key the lockstep is locked onto (``""``: ``upstream``), once chosen."""
         self.live: UpstreamTransaction | None = None
-        """The lockstep transaction with the default route, while it lasts."""
+        """The lockstep transaction with the route's server, while it lasts."""
+        self.refused: Reply | None = None
+        """The route's server refused MAIL for good: the reply to its recipients."""
+        self.spooling = False
+        """No lockstep for this transaction: every route's recipients go to the spool."""
         self.live_rcpts: list[str] = []
         """Recipients the upstream accepted in lockstep."""
         self.spool_rcpts: list[str] = []
-        """Recipients accepted for the spool (outage, 4xx, or another route)."""
+        """Recipients accepted for the spool (outage, 4xx)."""
         self.session: Session | None = None
         self.envelope: Envelope | None = None
         self.observer: Observer | None = None
@@ -167,53 +185,87 @@ class QueueTransaction:
             txn.abort()
             return HANDOFF_SLOW
 
-    def _lockstep_route(self) -> bool:
-        return self.queue.config.handoff_timeout > 0 and "*" not in self.queue.policy.routes
-
     async def mail(self, sender: str, options: list[str]) -> Reply:
-        """MAIL in lockstep: a 5xx is the client's; 4xx, down or slow mean the spool."""
+        """MAIL: in lockstep now if there is one route only, else at the first RCPT."""
         self.sender, self.options = sender, list(options)
-        if not self._lockstep_route():
+        if self.queue.config.handoff_timeout <= 0:
+            self.spooling = True
             return _MAIL_OK
-        upstream = self.queue.route("")
+        if self.queue.policy.routes:
+            return _MAIL_OK  # the route is known at the first RCPT
+        reply = await self._lock("")
+        return _MAIL_OK if reply is None else reply
+
+    async def _lock(self, key: str) -> Reply | None:
+        """Send MAIL to route ``key``'s server: its reply, or None when spooling instead.
+
+        A 5xx is kept for the route's recipients; 4xx, down or slow mean the spool.
+        """
+        await self._drop_live()
+        self.route, self.refused = key, None
+        upstream = self.queue.route(key)
         if isinstance(upstream, SmtpUpstream) and not any(upstream.health().values()):
             # Every server is marked down (for ``down_for``): spool at once rather than make
             # each client wait out the budget; the queue's retries find it up again.
-            return _MAIL_OK
+            self.spooling = True
+            return None
         txn: UpstreamTransaction = upstream.begin(self.identity)
         if self.observer is not None:
             txn = ObservedTransaction(txn, self.observer)
-        reply = await self._step(txn, txn.mail(sender, options))
+        reply = await self._step(txn, txn.mail(self.sender, self.options))
         if reply.positive:
             self.live = txn
             return reply
         if reply.code >= 500:
+            self.refused = reply
             return reply
-        log.info("handoff: MAIL got %s; spooling this transaction", reply)
-        return _MAIL_OK
+        log.info("handoff: MAIL got %s; spooling this transaction (route %r)", reply, key)
+        self.spooling = True
+        return None
+
+    async def _drop_live(self) -> None:
+        """RSET the lockstep transaction (within the budget) and let it go."""
+        live, self.live = self.live, None
+        if live is None:
+            return
+        try:
+            async with asyncio.timeout(self.queue.config.handoff_timeout):
+                await live.reset()
+        except TimeoutError:
+            live.abort()
 
     async def rcpt(self, recipient: str) -> Reply:
         """RCPT in lockstep; a recipient refused for good is remembered and never spooled."""
         refusals = self.queue.refusals
-        live = self.live
-        if live is not None and route_key(self.queue.policy.routes, recipient) == "":
-            reply = await self._step(live, live.rcpt(recipient))
-            if reply.positive:
-                refusals.forget(recipient)
-                self.live_rcpts.append(recipient)
-                return reply
-            if reply.code >= 500:
-                refusals.remember(recipient, reply)
-                return reply
-            if _dead(live):
-                log.info("handoff: RCPT got %s; spooling this transaction", reply)
-                self.live = None
-                self.spool_rcpts[:0] = self.live_rcpts
-                self.live_rcpts = []
+        key = route_key(self.queue.policy.routes, recipient)
+        if not self.spooling and key != self.route and not (self.live_rcpts or self.spool_rcpts):
+            # The first recipient (or the first since the others were refused) picks the route.
+            await self._lock(key)
+        if self.spooling:
+            if (cached := refusals.get(recipient)) is not None:
+                return cached
             self.spool_rcpts.append(recipient)
             return _RCPT_OK
-        if (cached := refusals.get(recipient)) is not None:
-            return cached
+        if key != self.route:
+            # RFC 5321 §4.5.3.1.10: the client sends it in another transaction, with lockstep.
+            return refusals.get(recipient) or OTHER_ROUTE
+        live = self.live
+        if live is None:
+            assert self.refused is not None
+            return self.refused  # the route's server refused MAIL for good
+        reply = await self._step(live, live.rcpt(recipient))
+        if reply.positive:
+            refusals.forget(recipient)
+            self.live_rcpts.append(recipient)
+            return reply
+        if reply.code >= 500:
+            refusals.remember(recipient, reply)
+            return reply
+        if _dead(live):
+            log.info("handoff: RCPT got %s; spooling this transaction", reply)
+            self.live, self.spooling = None, True
+            self.spool_rcpts[:0] = self.live_rcpts
+            self.live_rcpts = []
         self.spool_rcpts.append(recipient)
         return _RCPT_OK
 
@@ -258,13 +310,18 @@ class QueueTransaction:
     async def reset(self) -> None:
         """Forget the envelope; RSET the lockstep transaction."""
         live, self.live = self.live, None
-        self.live_rcpts, self.spool_rcpts = [], []
+        self._forget()
         if live is not None:
             await live.reset()
 
     def abort(self) -> None:
         """Forget the envelope; drop the lockstep connection."""
         live, self.live = self.live, None
-        self.live_rcpts, self.spool_rcpts = [], []
+        self._forget()
         if live is not None:
             live.abort()
+
+    def _forget(self) -> None:
+        self.live_rcpts, self.spool_rcpts = [], []
+        self.route, self.refused = None, None
+        self.spooling = self.queue.config.handoff_timeout <= 0
