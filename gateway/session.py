@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecord
@@ -48,6 +49,23 @@ class _Transaction:
     envelope: Envelope
     upstream: UpstreamTransaction | None = None
     rejected: list[tuple[str, Reply]] = field(default_factory=list)
+
+
+_date: list[tuple[int, str]] = [(-1, "")]
+"""The last second whose Received date was written, and that date."""
+
+
+def _received_date() -> str:
+    """``email.utils.formatdate(localtime=True)``, formatted once per second."""
+    now = time.time()
+    second = int(now)
+    if now - second >= 0.999999:  # fromtimestamp may round this up to the next second
+        return email.utils.formatdate(now, localtime=True)
+    cached, text = _date[0]
+    if cached != second:
+        text = email.utils.formatdate(second, localtime=True)
+        _date[0] = (second, text)
+    return text
 
 
 def _address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -335,7 +353,7 @@ class SmtpSession:
         received = (
             f"from {_oneline(s.helo or '')} ({_address_literal(s.client_ip)})\r\n"
             f"\tby {s.local_hostname} (mailgate) with {proto} id {env.id}{rcpt};\r\n"
-            f"\t{email.utils.formatdate(localtime=True)}"
+            f"\t{_received_date()}"
         )
         lines = [f"Received: {received}\r\n".encode("utf-8", "surrogateescape")]
         for name, value in env.card.headers:
