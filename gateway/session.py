@@ -24,6 +24,7 @@ from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecor
 from mailgate.decisionlog import log_connection, log_transaction
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
+from mailgate.proxyproto import peer_ip
 from mailgate.queue.handoff import QueueTransaction, sender_verified
 from mailgate.queue.quarantine import held_by
 from mailgate.relay import UpstreamTransaction
@@ -107,9 +108,7 @@ class SmtpSession:
         ``peer`` is the real client (from a PROXY header when the listener has one);
         ``tls`` is true on an implicit-TLS listener.
         """
-        ip = ipaddress.ip_address(peer[0].partition("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        ip = peer_ip(peer)
         self.session = session = Session(
             id=secrets.token_hex(5),
             client_ip=ip,
