@@ -711,20 +711,19 @@ class SmtpServer(asyncio.Protocol):
 
     def _path(self, arg: str, keyword: str, usage: str) -> _Path | Reply:
         """The address and parameters of MAIL or RCPT, or the reply refusing them."""
-        syntax = self._usage(usage)
         if arg[: len(keyword)].upper() != keyword:
-            return syntax
+            return self._usage(usage)
         parsed = parse_path(arg[len(keyword) :].strip())
         if parsed is None:
             return MALFORMED_ADDRESS
         address, rest = parsed
         if not address or (rest and not self._esmtp) or not rest.isascii():
-            return syntax
+            return self._usage(usage)
         options = rest.upper().split()
         try:
             return address, options, parse_parameters(options)
         except ParameterError:
-            return syntax
+            return self._usage(usage)
 
     async def _mail_command(self, arg: str) -> None:
         if self._helo is None:
