@@ -155,12 +155,13 @@ class Message:
     nothing but fields).
     """
 
-    __slots__ = ("_headers", "_parsed", "raw")
+    __slots__ = ("_by_name", "_headers", "_parsed", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._parsed: EmailMessage | None = None
         self._headers: tuple[tuple[str, str], ...] | None = None
+        self._by_name: dict[str, list[str]] | None = None
 
     @property
     def header_bytes(self) -> bytes:
@@ -198,8 +199,13 @@ class Message:
 
     def get_all(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in order."""
-        wanted = name.lower()
-        return [value for field, value in self.headers if field.lower() == wanted]
+        by_name = self._by_name
+        if by_name is None:  # once per message: plugins ask for several names
+            by_name = {}
+            for field, value in self.headers:
+                by_name.setdefault(field.lower(), []).append(value)
+            self._by_name = by_name
+        return list(by_name.get(name.lower(), ()))
 
     def __len__(self) -> int:
         return len(self.raw)

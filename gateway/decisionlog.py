@@ -31,7 +31,7 @@ def _verdicts(records: list[VerdictRecord]) -> list[str]:
 
 def emit_fields(fields: list[tuple[str, object]]) -> None:
     """Log one decision line; the fields ride along (``record.fields``) for the JSON format."""
-    decision = {k: v if isinstance(v, int | float | list) else str(v) for k, v in fields}
+    decision = {k: v if isinstance(v, (int, float, list)) else str(v) for k, v in fields}
     log.info("%s", format_fields(fields), extra={"fields": decision})
 
 

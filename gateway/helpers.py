@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from mailgate.context import IPAddress, Message, Session
@@ -22,9 +23,20 @@ def address_domain(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_ADDR_SPEC = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*"
+_NAME = r"[A-Za-z0-9]+(?: +[A-Za-z0-9]+)* *"
+_PLAIN_MAILBOX = re.compile(rf"(?:{_NAME})?<({_ADDR_SPEC})>|({_ADDR_SPEC})")
+"""``a@b.example`` or ``Some Name <a@b.example>``: what ``getaddresses`` reads as that address."""
+
+
 def from_addresses(message: Message) -> list[str]:
     """The addresses (``user@domain``) of every From header, in order; no display names."""
-    return [addr for _name, addr in email.utils.getaddresses(message.get_all("From")) if addr]
+    values = message.get_all("From")
+    plain = [_PLAIN_MAILBOX.fullmatch(v) for v in values]
+    if all(plain):  # the usual From: without the email package's address parser
+        return [m[1] or m[2] for m in plain if m]
+    return [addr for _name, addr in email.utils.getaddresses(values) if addr]
 
 
 def from_domain(message: Message) -> str | None:

@@ -39,7 +39,7 @@ def _text(value: object) -> str:
 
 def quote(value: object) -> str:
     """``value`` as it appears after ``key=`` in a text line, quoted only where needed."""
-    text = _text(value)
+    text = value if type(value) is str else _text(value)  # most values are plain str
     if text and _BARE.match(text):
         return text
     escaped = (
@@ -50,7 +50,7 @@ def quote(value: object) -> str:
 
 def format_fields(fields: Iterable[tuple[str, object]]) -> str:
     """``key=value`` pairs separated by spaces, values quoted where needed."""
-    return " ".join(f"{key}={quote(value)}" for key, value in fields)
+    return " ".join([f"{key}={quote(value)}" for key, value in fields])
 
 
 def json_value(value: object) -> object:

@@ -22,6 +22,7 @@ already have judged the load balancer's address. The parsing is aiosmtpd's
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from typing import Protocol
 
@@ -56,7 +57,13 @@ class ProxyRefused(Exception):
 
 def peer_ip(peer: tuple[str, int]) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address of a socket peer, with any IPv6 zone and IPv4 mapping removed."""
-    ip = ipaddress.ip_address(peer[0].partition("%")[0])
+    return _address(peer[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """:func:`peer_ip` of a host string (the same few clients connect again and again)."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
     return ip

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from mailgate.dns import Resolver
 from mailgate.lineendings import bare_line_endings, normalize
@@ -160,12 +161,21 @@ def stuffed_pieces(message: bytes, size: int = PIECE) -> Iterator[bytes]:
             start = end
 
 
+async def _drain(client: aiosmtplib.SMTP, protocol: SMTPProtocol) -> None:
+    """What ``StreamWriter.drain`` awaits, under the client's timeout; no timer if no wait."""
+    if protocol._paused or protocol._connection_lost:
+        async with asyncio.timeout(client.timeout):
+            await protocol._drain_helper()
+
+
 async def _send_content(client: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
     """After the 354: the message dot-stuffed, the final dot, and the upstream's reply.
 
     The message is written a piece at a time, waiting whenever the upstream
     falls behind (``client.timeout`` at most), so no second full copy is ever
     made; aiosmtplib's ``data`` makes two regex passes over the whole of it.
+    A message of at most one piece goes with its final dot in one write (one
+    system call, not two).
     What the session relays already has CRLF line endings only (other
     callers' bare CR or LF are normalised here first).
     """
@@ -174,13 +184,16 @@ async def _send_content(client: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.S
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    ending = b".\r\n" if not message or message.endswith(b"\r\n") else b"\r\n.\r\n"
     try:
-        for piece in stuffed_pieces(message):
-            protocol.write(piece)
-            async with asyncio.timeout(client.timeout):
-                await protocol._drain_helper()  # what StreamWriter.drain awaits
-        ending = b".\r\n" if not message or message.endswith(b"\r\n") else b"\r\n.\r\n"
-        protocol.write(ending)
+        if len(message) <= PIECE:  # the usual message: with its final dot, one write
+            protocol.write(b"".join([*stuffed_pieces(message), ending]))
+            await _drain(client, protocol)
+        else:
+            for piece in stuffed_pieces(message):
+                protocol.write(piece)
+                await _drain(client, protocol)
+            protocol.write(ending)
         return await protocol.read_response(timeout=client.timeout)
     except TimeoutError:
         client.close()

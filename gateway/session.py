@@ -17,12 +17,14 @@ import ipaddress
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecord
 from mailgate.decisionlog import log_connection, log_transaction
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
+from mailgate.proxyproto import peer_ip
 from mailgate.queue.handoff import QueueTransaction, sender_verified
 from mailgate.queue.quarantine import held_by
 from mailgate.relay import UpstreamTransaction
@@ -48,6 +50,23 @@ class _Transaction:
     envelope: Envelope
     upstream: UpstreamTransaction | None = None
     rejected: list[tuple[str, Reply]] = field(default_factory=list)
+
+
+_date: list[tuple[int, str]] = [(-1, "")]
+"""The last second whose Received date was written, and that date."""
+
+
+def _received_date() -> str:
+    """``email.utils.formatdate(localtime=True)``, formatted once per second."""
+    now = time.time()
+    second = int(now)
+    if now - second >= 0.999999:  # fromtimestamp may round this up to the next second
+        return email.utils.formatdate(now, localtime=True)
+    cached, text = _date[0]
+    if cached != second:
+        text = email.utils.formatdate(second, localtime=True)
+        _date[0] = (second, text)
+    return text
 
 
 def _address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -89,9 +108,7 @@ class SmtpSession:
         ``peer`` is the real client (from a PROXY header when the listener has one);
         ``tls`` is true on an implicit-TLS listener.
         """
-        ip = ipaddress.ip_address(peer[0].partition("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        ip = peer_ip(peer)
         self.session = session = Session(
             id=secrets.token_hex(5),
             client_ip=ip,
@@ -335,7 +352,7 @@ class SmtpSession:
         received = (
             f"from {_oneline(s.helo or '')} ({_address_literal(s.client_ip)})\r\n"
             f"\tby {s.local_hostname} (mailgate) with {proto} id {env.id}{rcpt};\r\n"
-            f"\t{email.utils.formatdate(localtime=True)}"
+            f"\t{_received_date()}"
         )
         lines = [f"Received: {received}\r\n".encode("utf-8", "surrogateescape")]
         for name, value in env.card.headers:

@@ -60,6 +60,7 @@ message relayed and the reply written: end of input only ends the command loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -136,6 +137,12 @@ _BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 _JUNK = frozenset({"NOOP", "RSET", "VRFY"})
 _PRINTABLE = re.compile(r"[ -~]+")
 _CONTROL = re.compile(rb"[\x01-\x08\x0a-\x1f\x7f]")  # C0 controls but TAB (the line's CRLF is gone)
+
+
+@functools.lru_cache(maxsize=256)
+def _wire(reply: Reply) -> bytes:
+    """``reply`` as sent, with its CRLF; the same few replies go out on every connection."""
+    return reply.render().encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 def _syntax(usage: str) -> Reply:
@@ -535,7 +542,7 @@ class SmtpServer(asyncio.Protocol):
         """
         if self._state != "open":
             return  # a pipelined command after our 421: nothing more is said
-        self._out.append(reply.render().encode("utf-8", "surrogateescape") + b"\r\n")
+        self._out.append(_wire(reply))
         if self._buf.find(b"\n") < 0:
             self._flush()
         if count and reply.code >= 400 and reply.code != 421:
@@ -704,20 +711,19 @@ class SmtpServer(asyncio.Protocol):
 
     def _path(self, arg: str, keyword: str, usage: str) -> _Path | Reply:
         """The address and parameters of MAIL or RCPT, or the reply refusing them."""
-        syntax = self._usage(usage)
         if arg[: len(keyword)].upper() != keyword:
-            return syntax
+            return self._usage(usage)
         parsed = parse_path(arg[len(keyword) :].strip())
         if parsed is None:
             return MALFORMED_ADDRESS
         address, rest = parsed
         if not address or (rest and not self._esmtp) or not rest.isascii():
-            return syntax
+            return self._usage(usage)
         options = rest.upper().split()
         try:
             return address, options, parse_parameters(options)
         except ParameterError:
-            return syntax
+            return self._usage(usage)
 
     async def _mail_command(self, arg: str) -> None:
         if self._helo is None:

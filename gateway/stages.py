@@ -33,7 +33,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,40 @@ def bad_result(result: object) -> str | None:
         return f"returned {type(result).__name__}, not a Verdict or None"
     problem = contradiction(result)
     return None if problem is None else f"contradictory verdict {result.rule!r}: {problem}"
+
+
+class _Resumed:
+    """Await the rest of a coroutine whose first step already ran and yielded ``first``.
+
+    ``yield from`` semantics for a coroutine that has started: the task sees
+    ``first`` (the future it waits on), and every later send or throw (a
+    cancellation, the timeout's) goes into the coroutine.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, pending = self._coro, self._first
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation): pass it on
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+                continue
+            try:
+                pending = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +134,17 @@ class StageRunner:
         started = time.perf_counter()
         try:
             result = impl.function(*[kwargs[name] for name in impl.argnames])
+            if isinstance(result, Coroutine):
+                # Run the first step here: a hook that returns without suspending (most
+                # do) needs no timer. One that suspends goes on under the deadline that
+                # started with the call, as if the timer had been armed before it.
+                deadline = asyncio.get_running_loop().time() + impl.settings.timeout
+                try:
+                    first = result.send(None)
+                except StopIteration as done:
+                    return done.value
+                async with asyncio.timeout_at(deadline):
+                    return await _Resumed(result, first)
             if inspect.isawaitable(result):
                 async with asyncio.timeout(impl.settings.timeout):
                     result = await result

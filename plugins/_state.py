@@ -9,6 +9,7 @@ every ``WARN_INTERVAL`` seconds so a Redis outage does not flood the log).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -23,6 +24,7 @@ WARN_INTERVAL = 10.0
 log = logging.getLogger("mailgate.plugins")
 
 
+@functools.lru_cache(maxsize=4096)  # ipaddress parses text slowly; clients come back
 def client_network(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """``ip`` widened to its /prefix network, as text (``192.0.2.0/24``, ``2001:db8::/64``)."""
     ip = unmapped(ip)

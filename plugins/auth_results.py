@@ -46,6 +46,18 @@ from mailgate import (
 from mailgate.authresults import authserv_id, header_value
 
 HEADER = "Authentication-Results"
+_HEADER_LOWER = HEADER.lower().encode("ascii")
+
+
+def _may_hold(raw: bytes, name: bytes) -> bool:
+    """False when no header field of ``raw`` can be named ``name`` (lower-case ASCII).
+
+    A field's name lies in the header section, before the first blank line;
+    ``header_fields`` reads names as ASCII, so a field named ``name`` in any
+    case has these bytes there in some case.
+    """
+    end = raw.find(b"\r\n\r\n")
+    return name in (raw if end < 0 else raw[:end]).lower()
 
 
 class AuthResultsConfig(PluginConfig):
@@ -83,9 +95,11 @@ class AuthResults:
     @hookimpl(trylast=True)
     def on_data(self, envelope: Envelope, message: Message) -> Verdict | None:
         """Build the header from the published results; strip forgeries."""
-        forged = sum(
-            1 for name, value in header_fields(message.raw) if self.strip.applies(name, value)
-        )
+        forged = 0
+        if _may_hold(message.raw, _HEADER_LOWER):  # most messages: no field to look at
+            forged = sum(
+                1 for name, value in header_fields(message.raw) if self.strip.applies(name, value)
+            )
         value = header_value(self.authserv_id, envelope.results)
         headers = {HEADER: value} if value else {}
         if forged:

@@ -106,6 +106,8 @@ def check_helo(
             return [Fault("helo.bad_syntax", "Invalid HELO/EHLO address literal")]
     else:
         try:
+            if ":" not in hostname and not hostname.replace(".", "").isdigit():
+                raise ValueError  # not an address: ip_address needs a colon or digits and dots
             address = ipaddress.ip_address(hostname)
         except ValueError:
             name = hostname[:-1] if hostname.endswith(".") else hostname

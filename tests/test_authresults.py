@@ -147,3 +147,20 @@ def test_the_example_policy_loads():
     runtime = Runtime.load(str(path))
     assert list(runtime.policy.plugins) == ["spf", "dkim", "arc", "dmarc"]
     assert runtime.plugin_set.call_order("on_data")[-1] == "auth_results"
+
+
+def test_the_quick_look_for_the_field_name_misses_no_field_header_fields_reads():
+    """``_may_hold`` is False only where ``header_fields`` finds no Authentication-Results."""
+    import random
+
+    from mailgate.plugins.auth_results import _HEADER_LOWER, _may_hold
+    from mailgate.rewrite import header_fields
+
+    rng = random.Random(17)
+    pieces = [b"Authentication-Results", b"AUTHENTICATION-results", b"authentication-result",
+              b"X-Authentication-Results", b"From", b": v", b"\r\n", b"\r\n ", b"\r\n\r\n",
+              b" ", b"\t", b"\n", b"\r", b"\xc3\xa9", b"body"]  # fmt: skip
+    for _ in range(3000):
+        raw = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        found = any(n.lower() == "authentication-results" for n, _ in header_fields(raw))
+        assert _may_hold(raw, _HEADER_LOWER) or not found, raw

@@ -252,3 +252,32 @@ def test_unquoted_off_in_yaml_means_off():
     runtime = _load("plugins:\n  headers:\n    rules: {headers.missing_date: off}\n")
     plugin = runtime.plugin_set.plugins["headers"].plugin
     assert plugin.book.setting("headers.missing_date") == ("off", 0.0)
+
+
+def test_the_plain_section_reading_gives_the_line_by_line_answer() -> None:
+    """``_split_plain`` answers only where the line-by-line reading finds no fault, and the same."""
+    import random
+
+    from mailgate.plugins.headers import _split_lines, _split_plain
+
+    rng = random.Random(17)
+    good = [b"From: a@b.example", b"Subject:x", b"To : c@d", b"X-Long: " + b"x" * 70,
+            b" folded", b"\tfolded too", b"Empty:"]  # fmt: skip
+    bad = [b"X-\xc3\xa9: v", b"Bad Name: v", b"NoColon", b":empty", b"  ", b"\t", b"",
+           b"a\nb: c", b"d\re: f", b"X-Longer: " + b"y" * 300]  # fmt: skip
+    ends = [b"\r\n\r\nbody\r\n", b"\r\n\r\n", b"\r\n", b"", b"\r\n\r\n" + b"z" * 900]
+    configs = [HeadersConfig(), HeadersConfig(max_line_length=78, max_header_size=1000)]
+    answered = 0
+    for _ in range(5000):
+        count = rng.randint(0, 30)
+        lines = [rng.choice(good if rng.random() < 0.93 else bad) for _ in range(count)]
+        raw = b"\r\n".join(lines) + rng.choice(ends)
+        config = rng.choice(configs)
+        fields, section, faults = _split_lines(raw, config)
+        plain = _split_plain(raw, config)
+        if plain is not None:
+            answered += 1
+            assert not faults, raw
+            assert [(f.name, f.value) for f in plain[0]] == [(f.name, f.value) for f in fields]
+            assert plain[1] == section, raw
+    assert answered > 1000

@@ -117,3 +117,21 @@ def test_own_names_replace_the_defaults(make_gateway):
     with RawClient(gw.port) as c:
         assert c.cmd(b"HELO mailgate.test")[0] == 250
         assert c.cmd(b"HELO MX1.example.com.")[0] == 550
+
+
+def test_a_name_that_cannot_be_an_address_skips_the_address_parser() -> None:
+    """check_helo's quick test says "not an address" only where ip_address would raise."""
+    import ipaddress
+    import random
+
+    rng = random.Random(17)
+    alphabet = "0123456789.:abcdefABCDEF%x-[]\u0663\u00b2"
+    for _ in range(50_000):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
+        if ":" in name or name.replace(".", "").isdigit():
+            continue
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            continue
+        raise AssertionError(f"{name!r} is an address")
