@@ -69,7 +69,7 @@ def log_transaction(
         return  # a level above info: the line would be built only to be dropped
     fields: list[tuple[str, object]] = [
         ("txn", envelope.id),
-        ("client", session.client_ip),
+        ("client", str(session.client_ip)),
         ("helo", session.helo or "-"),
         ("from", f"<{envelope.sender}>"),
         ("rcpts", [f"<{r}>" for r in envelope.recipients]),
@@ -97,7 +97,7 @@ def log_connection(session: Session, *, outcome: str, reply: Reply | None = None
         return
     fields: list[tuple[str, object]] = [
         ("session", session.id),
-        ("client", session.client_ip),
+        ("client", str(session.client_ip)),
         ("helo", session.helo or "-"),
         ("verdicts", _verdicts(session.card.verdicts)),
         ("outcome", outcome),

@@ -34,6 +34,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 
 from mailgate.logfields import json_value, structure
 from mailgate.policy import Logging, split_host_port
@@ -96,6 +97,20 @@ def _worker(record: logging.LogRecord) -> tuple[int, int] | None:
 
 class TextFormatter(logging.Formatter):
     """``key=value`` text: the line's fields quoted by the one rule of ``mailgate.logfields``."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As ``logging.Formatter``'s, the date and time part rendered once per second."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, stamp = self._second
+        if cached != second:
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (second, stamp)
+        msec = self.default_msec_format
+        return msec % (stamp, record.msecs) if msec else stamp
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` with its field values quoted."""

@@ -326,3 +326,22 @@ def test_a_worker_label_starts_text_lines_and_is_two_keys_in_json():
     assert TextFormatter("%(message)s").format(record) == "worker2[4242] hello n=3"
     entry = json.loads(JsonFormatter().format(record))
     assert (entry["msg"], entry["worker"], entry["pid"], entry["n"]) == ("hello n=3", 2, 4242, 3)
+
+
+def test_text_time_is_logging_formatters_across_seconds_and_with_a_datefmt():
+    """The per-second cache of the date part gives ``logging.Formatter``'s text exactly."""
+    ours, stdlib = (
+        TextFormatter("%(asctime)s %(message)s"),
+        logging.Formatter("%(asctime)s %(message)s"),
+    )
+    record = logging.LogRecord("mailgate.decision", logging.INFO, __file__, 1, "x", None, None)
+    for created in (
+        1_764_900_000.001,
+        1_764_900_000.999,
+        1_764_900_001.0,
+        1_764_900_000.5,
+        86_399.75,
+    ):
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == stdlib.format(record)
+        assert ours.formatTime(record, "%H:%M") == stdlib.formatTime(record, "%H:%M")
