@@ -25,7 +25,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Protocol
 
 import aiosmtplib
@@ -85,6 +85,44 @@ def strict_replies(client: aiosmtplib.SMTP) -> None:
         return parse()
 
     setattr(protocol, "_read_response_from_buffer", checked)  # noqa: B010 - shadows a method
+    setattr(protocol, "read_response", _reader(protocol))  # noqa: B010 - shadows a method
+
+
+def _reader(
+    protocol: SMTPProtocol,
+) -> Callable[[float | None], Awaitable[aiosmtplib.SMTPResponse]]:
+    """aiosmtplib's ``read_response`` for ``protocol``, its deadline one timer handle.
+
+    The same steps and errors as ``SMTPProtocol.read_response``, whose
+    ``asyncio.wait_for`` builds a second future and task callbacks around every
+    reply (4 per message); here the deadline fails the waiter itself.
+    """
+    loop = protocol._loop
+
+    def expire(waiter: asyncio.Future[aiosmtplib.SMTPResponse]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    async def read_response(timeout: float | None = None) -> aiosmtplib.SMTPResponse:  # noqa: ASYNC109 - aiosmtplib's signature
+        waiter = protocol._response_waiter
+        if waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        protocol._response_pending = True
+        timer = None if timeout is None else loop.call_later(timeout, expire, waiter)
+        try:
+            return await waiter
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+            protocol._response_pending = False
+            if protocol.transport is None:
+                protocol._response_waiter = None
+            else:
+                protocol._response_waiter = loop.create_future()
+
+    return read_response
 
 
 PIECE = 256 * 1024
