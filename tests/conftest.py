@@ -90,6 +90,14 @@ def make_gateway(
 
 
 @pytest.fixture
+def second(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
+    """Another recording upstream: the server of a route."""
+    server = RecordingUpstream(loop_thread)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def spool(tmp_path: Path) -> Path:
     """The spool folder of the queue policies (``queue_policy``)."""
     return tmp_path / "spool"

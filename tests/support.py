@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "message_ids",
     "queue_policy_file",
     "queued_ids",
+    "transaction",
     "write_policy",
 ]
 
@@ -74,3 +76,18 @@ def message_ids(upstream: RecordingUpstream) -> list[str]:
     """The Message-ID of each message ``upstream`` received, in order."""
     found = [re.search(rb"Message-ID: (<[^>]+>)", m.data) for m in upstream.messages]
     return [m.group(1).decode() for m in found if m]
+
+
+def transaction(gw: RunningGateway, rcpts: list[str]) -> list[tuple[int, bytes]]:
+    """MAIL, each RCPT and (if any was accepted) DATA, on one connection; the reply to each."""
+    with gw.client() as client:
+        replies = [client.mail("alice@example.net")]
+        if replies[0][0] != 250:
+            return replies
+        replies += [client.rcpt(rcpt) for rcpt in rcpts]
+        if any(code == 250 for code, _ in replies[1:]):
+            try:
+                replies.append(client.data(MESSAGE))
+            except smtplib.SMTPDataError as exc:
+                replies.append((exc.smtp_code, exc.smtp_error))
+    return replies

@@ -9,7 +9,6 @@ import os
 import re
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,11 @@ from mailgate.queue.delivery import backoff
 from tests.ops_support import REPO, GatewayProcess, wait_until
 from tests.support import (
     MESSAGE,
-    LoopThread,
-    RecordingUpstream,
     message_ids,
     queue_policy_file,
     queued_ids,
 )
 from tests.upstreams import XclientUpstream
-
-
-@pytest.fixture
-def second(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
-    """Another recording upstream, for routes."""
-    server = RecordingUpstream(loop_thread)
-    yield server
-    server.stop()
 
 
 def test_250_means_spooled_and_delivery_follows(make_gateway, upstream, spool, queue_policy):

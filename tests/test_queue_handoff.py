@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import smtplib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,28 +13,13 @@ import pytest
 from mailgate.queue.handoff import RefusalCache
 from mailgate.verdict import Reply
 from tests.ops_support import wait_until
-from tests.support import MESSAGE, envelopes
+from tests.support import envelopes, transaction
 
 
 @pytest.fixture
 def queue_policy(queue_policy: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """Lockstep handoff with a 2 s budget."""
     return functools.partial(queue_policy, handoff_timeout="2s")
-
-
-def transaction(gw: Any, rcpts: list[str]) -> list[tuple[int, bytes]]:
-    """MAIL, each RCPT and (if any was accepted) DATA; the reply to each."""
-    with gw.client() as client:
-        replies = [client.mail("alice@example.net")]
-        if replies[0][0] != 250:
-            return replies
-        replies += [client.rcpt(rcpt) for rcpt in rcpts]
-        if any(code == 250 for code, _ in replies[1:]):
-            try:
-                replies.append(client.data(MESSAGE))
-            except smtplib.SMTPDataError as exc:
-                replies.append((exc.smtp_code, exc.smtp_error))
-    return replies
 
 
 # ------------------------------------------------------------------ upstream answers

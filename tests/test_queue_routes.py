@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import functools
 import re
-import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from mailgate.testing import LoopThread, RecordingUpstream
 from tests.ops_support import wait_until
-from tests.support import MESSAGE, envelopes
+from tests.support import MESSAGE, envelopes, transaction
 
 OTHER_ROUTE = (452, b"4.5.3 Too many recipients for this transaction")
-
-
-@pytest.fixture
-def second(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
-    """The server of the ``partner.org`` route (or of ``*``)."""
-    server = RecordingUpstream(loop_thread)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -41,21 +31,6 @@ def make_gateway(make_gateway: Callable[..., Any]) -> Callable[..., Any]:
 def queue_policy(queue_policy: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """Lockstep handoff with a 2 s budget."""
     return functools.partial(queue_policy, handoff_timeout="2s")
-
-
-def transaction(gw: Any, rcpts: list[str]) -> list[tuple[int, bytes]]:
-    """MAIL, each RCPT and (if any was accepted) DATA, on one connection; the reply to each."""
-    with gw.client() as client:
-        replies = [client.mail("alice@example.net")]
-        if replies[0][0] != 250:
-            return replies
-        replies += [client.rcpt(rcpt) for rcpt in rcpts]
-        if any(code == 250 for code, _ in replies[1:]):
-            try:
-                replies.append(client.data(MESSAGE))
-            except smtplib.SMTPDataError as exc:
-                replies.append((exc.smtp_code, exc.smtp_error))
-    return replies
 
 
 def codes(replies: list[tuple[int, bytes]]) -> list[int]:
