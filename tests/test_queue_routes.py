@@ -148,13 +148,12 @@ def test_a_down_route_spools_every_routes_recipients(
     replies = transaction(gw, ["carol@partner.org", "bob@example.com"])
     assert codes(replies) == [250, 250, 250, 250]
     assert re.fullmatch(rb"2\.0\.0 Ok: queued as [0-9A-F]+", replies[-1][1])
-    [envelope] = envelopes(spool)
-    assert envelope["recipients"] == ["carol@partner.org", "bob@example.com"]
-    assert upstream.mail_commands == 0  # spool mode: no lockstep for this transaction
+    # The queue may deliver bob at once (his route is up): read the spool no sooner.
     second.start()
     assert wait_until(lambda: envelopes(spool) == [])
     assert [m.recipients for m in second.messages] == [["carol@partner.org"]]
     assert [m.recipients for m in upstream.messages] == [["bob@example.com"]]
+    assert upstream.mail_commands == 1  # the queue's delivery only: no lockstep MAIL
 
 
 def test_a_route_answering_4xx_after_data_is_spooled(
