@@ -83,8 +83,7 @@ from mailgate.context import IPAddress, VerdictRecord
 from mailgate.decisionlog import emit_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
-from mailgate.queue.handoff import OTHER_ROUTE
-from mailgate.session import TOO_MANY_RECIPIENTS, SmtpSession
+from mailgate.session import SmtpSession
 from mailgate.smtpsyntax import ParameterError, body_type_ok, parse_parameters, parse_path
 from mailgate.verdict import Reply
 from mailgate.workers import worker_share
@@ -789,14 +788,16 @@ class SmtpServer(asyncio.Protocol):
         reply = await self.session.rcpt(address)
         if reply.positive:
             self._rcpts += 1
-        elif reply is TOO_MANY_RECIPIENTS:
-            # RFC 5321 §4.5.3.1.10: the client sends the rest later; not an error
-            # until it overshoots by limits.recipient_overshoot (Postfix's
+        elif reply.code == 452 and reply.status == "4.5.3":
+            # "Too many recipients" (ours: limits.recipients, or another route in queue
+            # mode; or the upstream's): RFC 5321 §4.5.3.1.10 has the client send them
+            # in a later transaction, so they are not errors until the transaction
+            # overshoots by limits.recipient_overshoot (Postfix's
             # smtpd_recipient_overshoot_limit).
             self._overshoot += 1
             self._send(reply, count=self._overshoot > self.limits.recipient_overshoot)
             return
-        self._send(reply, count=reply is not OTHER_ROUTE)  # sent in a later transaction
+        self._send(reply)
 
     async def _data_command(self, arg: str) -> None:
         if self._helo is None:

@@ -63,7 +63,10 @@ HANDOFF_SLOW = Reply(451, "Upstream slower than the handoff budget", "4.4.2")
 _MAIL_OK = Reply(250, "Ok", "2.1.0")
 _RCPT_OK = Reply(250, "Ok", "2.1.5")
 OTHER_ROUTE = Reply(452, "Too many recipients for this transaction", "4.5.3")
-"""A recipient of another route than the lockstep's: the client sends it later (not an error)."""
+"""A recipient of another route than the lockstep's: the client sends it later.
+
+Like every ``452 4.5.3`` to RCPT it is not counted as an error up to
+``limits.recipient_overshoot`` (``mailgate.smtpserver``)."""
 _CACHE_SIZE = 10_000
 
 
