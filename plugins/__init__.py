@@ -7,6 +7,6 @@ gives their default order. A policy enables a plugin by naming it under
 ``plugins:``; the policy's order is the run order. ``relay_access`` and
 ``auth_results`` are loaded even when not named (last).
 
-``_state``, ``actions`` and ``scanning`` are not plugins: they hold code
+``_state``, ``_throttle``, ``actions`` and ``scanning`` are not plugins: they hold code
 that several built-ins share; ``_dkimverify`` is dkim's verifier.
 """

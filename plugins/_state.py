@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import time
 from typing import Literal
 
 from mailgate import IPAddress, StateError, Verdict, unmapped
+from mailgate.plugins._throttle import WarningThrottle
 
 OnError = Literal["tempfail", "allow"]
 Stage = Literal["connect", "helo", "mail", "rcpt", "data"]
@@ -54,8 +54,7 @@ class StateErrors:
     def __init__(self, plugin: str, on_error: OnError) -> None:
         self.plugin = plugin
         self.on_error = on_error
-        self._warned_at = -WARN_INTERVAL
-        self._suppressed = 0
+        self._warnings = WarningThrottle(WARN_INTERVAL)
 
     def verdict(self, exc: StateError, stage: Stage, txn: str = "-") -> Verdict:
         """The verdict for a failed check: tempfail (4.3.0) or an ``allow`` tag.
@@ -64,19 +63,15 @@ class StateErrors:
         """
         rule = f"{self.plugin}.unavailable"
         reason = f"state backend failed: {exc}"
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_INTERVAL:
+        if (suppressed := self._warnings.due()) is not None:
             log.warning(
                 "state backend failed: txn=%s plugin=%s error=%s on_error=%s suppressed=%d",
                 txn,
                 self.plugin,
                 exc,
                 self.on_error,
-                self._suppressed,
+                suppressed,
             )
-            self._warned_at, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
         if self.on_error == "allow":
             return Verdict.tag(rule, f"{reason}; allowed (on_error: allow)")
         code = 421 if stage == "connect" else 451

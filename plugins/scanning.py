@@ -58,6 +58,7 @@ from mailgate import (
     Size,
     Verdict,
 )
+from mailgate.plugins._throttle import WarningThrottle
 
 log = logging.getLogger("mailgate.plugins")
 
@@ -200,8 +201,7 @@ class ScanSupport:
         self.timeout = 10.0
         self._down_until: dict[Server, float] = {}
         self._exempt_rcpts = frozenset(r.lower() for r in config.exempt_recipients)
-        self._warned_at = -WARN_INTERVAL
-        self._suppressed = 0
+        self._warnings = WarningThrottle(WARN_INTERVAL)
 
     def set_timeout(self, timeout: float) -> None:
         """The plugin's common ``timeout``: the budget of one scan, every server included."""
@@ -307,8 +307,7 @@ class ScanSupport:
         """The ``on_error`` verdict for a scan that got no usable answer."""
         rule = f"{self.name}.{failed.kind}"
         self.note(envelope, failed.kind, 0.0)
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_INTERVAL:
+        if (suppressed := self._warnings.due()) is not None:
             log.warning(
                 "content scan failed: txn=%s plugin=%s kind=%s error=%s on_error=%s suppressed=%d",
                 envelope.id,
@@ -316,11 +315,8 @@ class ScanSupport:
                 failed.kind,
                 failed.detail,
                 self.config.on_error,
-                self._suppressed,
+                suppressed,
             )
-            self._warned_at, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
         if self.config.on_error == "accept":
             return Verdict.tag(rule, f"{failed.detail}; not scanned (on_error: accept)")
         return Verdict.tempfail(
