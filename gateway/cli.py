@@ -136,14 +136,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main(runtime: Runtime) -> None:
         gateway = Gateway(runtime)
         await gateway.start()
-        for host, port in gateway.addresses:
-            logging.getLogger("mailgate").info(
-                "mailgate ready on %s:%s",
-                host,
-                port,
-                extra={"fields": {"host": host, "port": port}},
-            )
-        await gateway.serve()
+
+        def ready() -> None:
+            for host, port in gateway.addresses:
+                logging.getLogger("mailgate").info(
+                    "mailgate ready on %s:%s",
+                    host,
+                    port,
+                    extra={"fields": {"host": host, "port": port}},
+                )
+
+        await gateway.serve(ready)
 
     if runtime.policy.workers > 1:
         from mailgate.workers import probe_listen, supervise

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from mailgate.admission import tune_allocator
 from mailgate.listener import ListenError, os_reason, start_listeners
@@ -93,8 +94,12 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def serve(self) -> None:
-        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), reloading on SIGHUP."""
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), reloading on SIGHUP.
+
+        ``ready`` is called once the signal handlers are in place: a signal sent
+        after it is handled, never the default action (which ends the process).
+        """
         loop = asyncio.get_running_loop()
         handlers = {
             signal.SIGTERM: self.request_stop,
@@ -103,6 +108,8 @@ class Gateway:
         }
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
+        if ready is not None:
+            ready()
         try:
             await self._stopping.wait()
         finally:

@@ -67,6 +67,8 @@ def _child(index: int, serve: Callable[[], int], parent: int) -> None:
     try:
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        # A reload passed on while this worker starts must not end it: it reads the file anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         label_worker(index)  # text lines start with workerN[PID]; JSON has worker and pid
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()

@@ -20,7 +20,11 @@ class RawClient:
             ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
         )
         self.reader = self.sock.makefile("rb")
-        self.banner: tuple[int, bytes] | None = self.reply() if banner else None
+        try:
+            self.banner: tuple[int, bytes] | None = self.reply() if banner else None
+        except BaseException:
+            self.close()  # or the socket leaks into a later test's teardown as a warning
+            raise
 
     def send(self, data: bytes) -> None:
         """Send ``data`` as it is."""
