@@ -138,7 +138,7 @@ def table() -> None:
             print(f"| {label} | {' / '.join(replies)} |")
     finally:
         gw.stop()
-        up.stop()
+        up.close()
         loop.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -163,25 +164,34 @@ class RecordingUpstream:
         self.mail_commands = 0
         self.rsets = 0
         self.server: asyncio.Server | None = None
+        self._reserved: socket.socket | None = None
         self.port = 0
         self.start()
 
     def start(self) -> None:
         """Listen (again, on the same port after :meth:`stop`)."""
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
 
         async def _start() -> asyncio.Server:
             loop = asyncio.get_running_loop()
-            return await loop.create_server(
-                lambda: _CountingSMTP(self, hostname="upstream.test", loop=loop),
-                "127.0.0.1",
-                self.port,
-            )
+            return await loop.create_server(lambda: self.protocol(loop), "127.0.0.1", self.port)
 
         self.server = self.loop_thread.run(_start())
         self.port = self.server.sockets[0].getsockname()[1]
 
+    def protocol(self, loop: asyncio.AbstractEventLoop) -> SMTP:
+        """The server side of one connection (a subclass may serve another way)."""
+        return _CountingSMTP(self, hostname="upstream.test", loop=loop)
+
     def stop(self) -> None:
-        """Stop listening: new connections are refused."""
+        """Stop listening: new connections are refused.
+
+        The port stays bound (not listening) until :meth:`start`, so that no
+        other listener gets it meanwhile: a gateway started after this on port
+        0 could otherwise be handed the same port and relay to itself.
+        """
         if self.server is not None:
             server, self.server = self.server, None
 
@@ -191,6 +201,16 @@ class RecordingUpstream:
                 await server.wait_closed()
 
             self.loop_thread.run(_close())
+            self._reserved = socket.socket()
+            self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._reserved.bind(("127.0.0.1", self.port))
+
+    def close(self) -> None:
+        """Stop listening and give the port back."""
+        self.stop()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
 
     @property
     def url(self) -> str:
@@ -265,5 +285,5 @@ def gateway_harness(policy: dict[str, Any], workdir: Path) -> Iterator[Harness]:
     finally:
         if gateway is not None:
             gateway.stop()
-        upstream.stop()
+        upstream.close()
         loop_thread.stop()

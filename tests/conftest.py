@@ -42,7 +42,7 @@ def upstream(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
     """A recording SMTP upstream on 127.0.0.1:0."""
     server = RecordingUpstream(loop_thread)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def second(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
     """Another recording upstream: the server of a route."""
     server = RecordingUpstream(loop_thread)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture

@@ -262,7 +262,7 @@ def scripted(loop_thread: LoopThread) -> Iterator[ScriptedUpstream]:
     """A scripted upstream on 127.0.0.1:0."""
     upstream = ScriptedUpstream(loop_thread)
     yield upstream
-    upstream.stop()
+    upstream.close()
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ def backup(loop_thread: LoopThread) -> Iterator[RecordingUpstream]:
     """A second recording upstream."""
     server = RecordingUpstream(loop_thread)
     yield server
-    server.stop()
+    server.close()
 
 
 def _deliver(gw, rcpt: str = "bob@example.com") -> None:

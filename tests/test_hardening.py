@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from mailgate.testing import LoopThread, _RecordingHandler, write_policy
+from mailgate.testing import LoopThread, RecordingUpstream, _RecordingHandler, write_policy
 from tests.ops_support import mailgate, sample, scrape, wait_until
 from tests.rawsmtp import RawClient
 from tests.support import MESSAGE
-from tests.upstreams import ScriptedUpstream, _CountingSMTP, _ServingUpstream
+from tests.upstreams import ScriptedUpstream, _CountingSMTP
 
 EHLO = b"EHLO client.example.net"
 RCPT = b"RCPT TO:<bob@example.com>"
@@ -78,7 +78,7 @@ class _PlainHandler(_RecordingHandler):
         return await super().handle_MAIL(server, session, envelope, address, options)
 
 
-class PlainUpstream(_ServingUpstream):
+class PlainUpstream(RecordingUpstream):
     """aiosmtpd without SMTPUTF8 (its default) and, if asked, without 8BITMIME."""
 
     def __init__(self, loop_thread: LoopThread, *, offer_8bitmime: bool = True) -> None:
@@ -95,14 +95,14 @@ class PlainUpstream(_ServingUpstream):
 def plain(loop_thread: LoopThread) -> Iterator[PlainUpstream]:
     up = PlainUpstream(loop_thread)
     yield up
-    up.stop()
+    up.close()
 
 
 @pytest.fixture
 def seven_bit(loop_thread: LoopThread) -> Iterator[PlainUpstream]:
     up = PlainUpstream(loop_thread, offer_8bitmime=False)
     yield up
-    up.stop()
+    up.close()
 
 
 def test_ascii_mail_with_smtputf8_reaches_an_upstream_without_smtputf8(make_gateway, plain):
@@ -168,7 +168,7 @@ def test_smtputf8_goes_to_an_upstream_that_offers_it(make_gateway, loop_thread):
         assert deliver(gw.port, mail, UTF8_HEADERS)[-1][0] == 250
         assert mail in scripted.commands
     finally:
-        scripted.stop()
+        scripted.close()
 
 
 def test_8bit_data_declared_8bitmime_is_refused_554_5_6_3_without_8bitmime(make_gateway, seven_bit):

@@ -249,7 +249,7 @@ def test_the_original_client_is_announced_at_delivery(
         assert up.seen[0]["xclient"]["HELO"] == "orig.example.net"
         assert up.seen[0]["xclient"]["ADDR"] == "127.0.0.1"
     finally:
-        up.stop()
+        up.close()
 
 
 def test_spool_write_failure_gives_4xx(make_gateway, upstream, queue_policy, spool):

@@ -16,7 +16,7 @@ def tls_upstream(loop_thread: LoopThread, certs: Certs) -> Iterator[TlsUpstream]
     """An upstream that requires STARTTLS, with the test CA's server certificate."""
     server = TlsUpstream(loop_thread, str(certs.server_cert), str(certs.server_key))
     yield server
-    server.stop()
+    server.close()
 
 
 def _send(gw) -> tuple[int, bytes]:

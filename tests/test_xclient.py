@@ -36,7 +36,7 @@ def make_xclient_upstream(loop_thread: LoopThread) -> Iterator[MakeXclient]:
 
     yield make
     for server in started:
-        server.stop()
+        server.close()
 
 
 def _send(gw, helo: str = "client.example.net", rcpt: str = "bob@example.com") -> None:

@@ -38,30 +38,13 @@ def xtext_decode(value: str) -> str:
     return out.decode()
 
 
-class _ServingUpstream(RecordingUpstream):
-    """A RecordingUpstream whose protocol objects come from :meth:`protocol`."""
-
-    def protocol(self, loop: asyncio.AbstractEventLoop) -> SMTP:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        """Listen (again, on the same port after :meth:`stop`)."""
-
-        async def _start() -> asyncio.Server:
-            loop = asyncio.get_running_loop()
-            return await loop.create_server(lambda: self.protocol(loop), "127.0.0.1", self.port)
-
-        self.server = self.loop_thread.run(_start())
-        self.port = self.server.sockets[0].getsockname()[1]
-
-
 class _CountingSMTP(SMTP):
     def __init__(self, upstream: RecordingUpstream, handler: object, **kwargs: Any) -> None:
         super().__init__(handler, hostname="upstream.test", **kwargs)
         upstream.connections += 1
 
 
-class TlsUpstream(_ServingUpstream):
+class TlsUpstream(RecordingUpstream):
     """Requires STARTTLS (with ``cert``/``key``) before it takes MAIL."""
 
     def __init__(self, loop_thread: LoopThread, cert: str, key: str) -> None:
@@ -152,7 +135,7 @@ class _XclientSMTP(_CountingSMTP):
         await self.push("250 2.0.0 Ok")
 
 
-class XclientUpstream(_ServingUpstream):
+class XclientUpstream(RecordingUpstream):
     """Offers XCLIENT and/or XFORWARD; records every such command and, per MAIL, what was set."""
 
     def __init__(
