@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from mailgate.context import Envelope, Message, Scorecard, Session, VerdictRecord
 from mailgate.decisionlog import log_connection, log_transaction
+from mailgate.hops import too_many_hops
 from mailgate.lineendings import screen
 from mailgate.observer import ObservedTransaction
 from mailgate.proxyproto import peer_ip
@@ -234,6 +235,9 @@ class SmtpSession:
         raw = screened.data
         del screened
         size = len(raw)
+        if (loop := too_many_hops(raw, self.rt.policy.limits.hops)) is not None:
+            await self.refuse_data(loop[0], size, record=loop[1])
+            return loop[0]
         message = Message(raw)
         try:
             outcome = await self.rt.runner.run_stage(

@@ -1,0 +1,40 @@
+"""Mail loops: a message that has passed too many MTAs is refused (``limits.hops``).
+
+A gateway whose upstream (or a route, or the upstream's own routing) leads
+back to it would pass a message round for ever, adding a ``Received:`` line
+each time. Like Postfix's ``hopcount_limit`` (50), the session counts the
+``Received:`` fields in the header section before any plugin runs, and a
+message with ``limits.hops`` or more gets ``554 5.4.6 Too many hops``: a
+permanent refusal, so the client bounces it instead of retrying it (RFC 5321
+§6.3 asks for exactly this loop detection).
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailgate.context import VerdictRecord
+from mailgate.verdict import Reply
+
+HOPS_RULE = "limits.hops"
+"""The rule id of a refusal for a mail loop, in the decision line."""
+
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def hop_count(raw: bytes) -> int:
+    """How many ``Received:`` fields the header section of ``raw`` has."""
+    if raw.startswith(b"\r\n"):
+        return 0  # no header section at all
+    end = raw.find(b"\r\n\r\n")
+    return len(_RECEIVED.findall(raw, 0, len(raw) if end < 0 else end + 2))
+
+
+def too_many_hops(raw: bytes, limit: int) -> tuple[Reply, VerdictRecord] | None:
+    """The refusal for a message with ``limit`` or more hops, or None."""
+    hops = hop_count(raw)
+    if hops < limit:
+        return None
+    reason = f"{hops} Received: fields, limit {limit}"
+    record = VerdictRecord("core", "on_data", HOPS_RULE, "reject", reason, True)
+    return Reply(554, f"Too many hops ({hops}): a mail loop?", "5.4.6"), record
