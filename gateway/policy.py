@@ -430,6 +430,48 @@ def validation_messages(
 def parse_policy(doc: Document) -> Policy:
     """Validate a loaded document's core keys; raise :class:`SourceError` with positions."""
     try:
-        return Policy.model_validate(doc.data)
+        policy = Policy.model_validate(doc.data)
     except ValidationError as exc:
         raise SourceError(validation_messages(doc, exc)) from None
+    if loops := [doc.error(path, message) for path, message in relay_loops(policy, doc)]:
+        raise SourceError(loops)
+    return policy
+
+
+def relay_loops(policy: Policy, doc: Document) -> list[tuple[tuple[str, ...], str]]:
+    """The upstreams and routes that name one of the gateway's own listeners (a mail loop)."""
+    route_keys = {str(key).lower().rstrip("."): str(key) for key in doc.data.get("routes") or {}}
+    targets: list[tuple[tuple[str, ...], Upstream]] = [(("upstream",), policy.upstream)]
+    targets += [(("routes", route_keys.get(d, d)), up) for d, up in policy.routes.items()]
+    found: list[tuple[tuple[str, ...], str]] = []
+    for path, upstream in targets:
+        if upstream.kind != "smtp":
+            continue
+        for host, port in upstream.servers:
+            for listener in policy.listen:
+                if _same_socket((host, port), listener.host_port):
+                    message = (
+                        f"smtp://{host}:{port} is this gateway's own listener"
+                        f" {listener.address}: mail would loop"
+                    )
+                    found.append((path, message))
+    return found
+
+
+def _same_socket(target: tuple[str, int], listener: tuple[str, int]) -> bool:
+    """Whether connecting to ``target`` reaches a socket listening on ``listener``."""
+    (host, port), (listening_host, listening_port) = target, listener
+    if port != listening_port or port == 0:
+        return False
+    if host.lower() == listening_host.lower():
+        return True
+    if listening_host in ("0.0.0.0", "::"):  # every local address, loopback included
+        return host.lower() == "localhost" or _is_loopback(host)
+    return host.lower() == "localhost" and listening_host in ("127.0.0.1", "::1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

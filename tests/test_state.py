@@ -227,17 +227,17 @@ def test_a_hung_redis_costs_the_timeout_once_and_is_logged_once(
     pid = redis_server.process.pid
 
     async def go() -> None:
-        store = RedisState(redis_server.url, 0.5, "t:")
+        store = RedisState(redis_server.url, 1.0, "t:")
         try:
             assert (await store.rate("k", 1.0, 10)).allowed and store.up
             os.kill(pid, signal.SIGSTOP)
             try:
                 for _ in range(3):
                     started = time.monotonic()
-                    with pytest.raises(StateError, match=r"no answer within 0\.5s"):
+                    with pytest.raises(StateError, match=r"no answer within 1s"):
                         await store.rate("k", 1.0, 10)
                     # state.timeout bounds the whole call: no second wait on a retry.
-                    assert 0.45 < time.monotonic() - started < 0.9
+                    assert 0.95 < time.monotonic() - started < 1.8
                     assert not store.up
             finally:
                 os.kill(pid, signal.SIGCONT)
@@ -249,7 +249,7 @@ def test_a_hung_redis_costs_the_timeout_once_and_is_logged_once(
     lines = _state_lines(caplog)
     assert [level for level, _ in lines] == ["WARNING", "INFO"]
     assert lines[0][1] == (
-        f"state store unreachable: backend={redis_server.url} error=no answer within 0.5s"
+        f"state store unreachable: backend={redis_server.url} error=no answer within 1s"
     )
     assert lines[1][1].startswith(f"state store reachable again: backend={redis_server.url} down=")
     assert lines[1][1].endswith(" failed_checks=3")
