@@ -2,11 +2,11 @@
 
 A gateway whose upstream (or a route, or the upstream's own routing) leads
 back to it would pass a message round for ever, adding a ``Received:`` line
-each time. Like Postfix's ``hopcount_limit`` (50), the session counts the
-``Received:`` fields in the header section before any plugin runs, and a
-message with ``limits.hops`` or more gets ``554 5.4.6 Too many hops``: a
-permanent refusal, so the client bounces it instead of retrying it (RFC 5321
-§6.3 asks for exactly this loop detection).
+each time. As RFC 5321 §6.3 describes (and Postfix's ``hopcount_limit``
+does), the session counts the ``Received:`` fields in the header section
+before any plugin runs, and a message with ``limits.hops`` or more (default
+100, the RFC's "normally at least 100") gets ``554 5.4.6 Too many hops``: a
+permanent refusal, so the client bounces it instead of retrying it.
 """
 
 from __future__ import annotations

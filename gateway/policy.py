@@ -248,7 +248,7 @@ class Limits(StrictModel):
     """Bytes of message data the process may hold (split between ``workers``); past it 452 4.3.1."""
     data_per_ip: int = Field(default=5, ge=1)
     """DATA phases at once from one address (trusted networks exempt); one more gets 451 4.7.1."""
-    hops: int = Field(default=50, ge=1, le=1000)
+    hops: int = Field(default=100, ge=1, le=1000)
     """A message with this many ``Received:`` fields or more is a loop: 554 5.4.6 at end of DATA."""
 
 

@@ -40,9 +40,9 @@ def test_hop_count_reads_only_the_header_section():
 
 def test_a_message_at_the_hop_limit_is_refused_permanently(make_gateway, upstream, decisions):
     gw = make_gateway()
-    assert _send(gw, _with_received(49))[0] == 250  # with ours, the upstream sees 50
-    code, text = _send(gw, _with_received(50))
-    assert (code, text) == (554, b"5.4.6 Too many hops (50): a mail loop?")
+    assert _send(gw, _with_received(99))[0] == 250  # with ours, the upstream sees 100
+    code, text = _send(gw, _with_received(100))
+    assert (code, text) == (554, b"5.4.6 Too many hops (100): a mail loop?")
     assert len(upstream.messages) == 1
     line = decisions()[-1]
     assert "verdicts=limits.hops:reject" in line and "outcome=rejected" in line, line
