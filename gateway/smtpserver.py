@@ -264,7 +264,12 @@ class SmtpServer(asyncio.Protocol):
         if self._in_data:
             if self._timer is not None:
                 self._arm()
-        elif len(self._buf) > _PAUSE_AT and self.transport is not None:
+            # The reader has not yet charged the last read to the memory budget: stop until
+            # it has (uvloop reads a socket up to 32 times before the reader runs).
+            hold_off = self._waiter is None or self._waiter.done()
+        else:
+            hold_off = len(self._buf) > _PAUSE_AT
+        if hold_off and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
         self._wake()
