@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Protocol
 
 import aiosmtplib
-from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib.protocol import MAX_LINE_LENGTH, SMTPProtocol
 
 from mailgate.dns import Resolver
 from mailgate.lineendings import bare_line_endings, normalize
@@ -69,20 +69,39 @@ def strict_replies(client: aiosmtplib.SMTP) -> None:
     protocol = client.protocol
     if protocol is None:
         return
-    parse: Callable[[], aiosmtplib.SMTPResponse | None] = protocol._read_response_from_buffer
     buffer: bytearray = protocol._buffer
 
     def checked() -> aiosmtplib.SMTPResponse | None:
+        # The checks above, and aiosmtplib's _read_response_from_buffer step for step
+        # in the same pass (it walked the lines a second time): its message joins the
+        # stripped texts with LF (none after an empty first text), its code is the
+        # last line's, and a line past MAX_LINE_LENGTH fails the reply.
         offset, code = 0, b""
+        message = bytearray()
+        too_long = False
         while (end := buffer.find(b"\n", offset)) >= 0:
             line = bytes(buffer[offset : end + 1])
             if not _REPLY_LINE.fullmatch(line) or (code and line[:3] != code):
                 text = line[:80].decode("ascii", "backslashreplace").rstrip()
                 raise MalformedReply(-1, f"malformed reply line {text!r}")
+            too_long = too_long or len(line) > MAX_LINE_LENGTH
+            offset = end + 1
+            if message:
+                message += b"\n"
+            message += line[4:].strip(b" \t\r\n")
             if line[3:4] != b"-":
-                break
-            offset, code = end + 1, line[:3]
-        return parse()
+                if too_long:
+                    break
+                del buffer[:offset]
+                return aiosmtplib.SMTPResponse(
+                    int(line[:3]), message.decode("utf-8", "surrogateescape")
+                )
+            code = line[:3]
+        if too_long:
+            raise aiosmtplib.SMTPResponseException(
+                aiosmtplib.SMTPStatus.invalid_response.value, "Response too long"
+            )
+        return None
 
     setattr(protocol, "_read_response_from_buffer", checked)  # noqa: B010 - shadows a method
     setattr(protocol, "read_response", _reader(protocol))  # noqa: B010 - shadows a method
