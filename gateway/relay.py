@@ -133,7 +133,7 @@ def _reader(
     ``asyncio.wait_for`` builds a second future and task callbacks around every
     reply (4 per message); here the deadline fails the waiter itself. The
     connection keeps one timer handle for all its reads (a handle made and
-    cancelled per read cost 2.7 us under uvloop): a read sets the deadline,
+    cancelled per read cost about 0.45 us under uvloop): a read sets the deadline,
     and the handle is re-made only when it would fire later than that; when
     it fires before the deadline it is set again for it, and between reads it
     does nothing.
@@ -466,7 +466,7 @@ class SmtpUpstream:
         if self._slots.locked():
             async with asyncio.timeout(self.config.connect_timeout):
                 await self._slots.acquire()
-        else:  # a free slot is taken without waiting: no timer (2.7 us under uvloop) to arm
+        else:  # a free slot is taken without waiting: no asyncio.timeout (3.1 us) to arm
             await self._slots.acquire()
         try:
             now = time.monotonic()
