@@ -14,12 +14,21 @@ policy runs under ``py-spy record`` (needs py-spy: ``pip install -e
 A policy is a name in ``bench/policies`` or a path to a YAML file (ending
 in ``.yaml``) of the same form.
 
-Run: ``python -m bench.cpu_cost [--policies default,full] [--messages 2000] [--rounds 3]``
+With ``--baseline DIR`` (another checkout of mailgate, such as ``git worktree
+add /tmp/before main``) each policy also runs on a second gateway made of
+DIR's code (``POLICY@base``), started beside this tree's with the same load,
+rounds interleaved and their order alternated, and the paired difference of
+each round is printed: the way to compare two versions on a shared machine,
+where CPU per message drifts with the other load by more than most changes.
+
+Run: ``python -m bench.cpu_cost [--policies default,full] [--messages 2000] [--rounds 3]
+[--rcpts "5 rcpt"] [--baseline DIR]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -29,9 +38,41 @@ import time
 from pathlib import Path
 
 from bench import driver, message, systems
-from bench.procs import Proc, _stat_cpu, free_port
+from bench.procs import Proc, _stat_cpu, free_port, wait_banner
 from bench.run import LoadGenerator, load_run
 from bench.systems import System
+
+
+def baseline_path(checkout: Path, scratch: Path) -> str:
+    """A ``PYTHONPATH`` entry that imports ``mailgate`` from ``checkout``'s files.
+
+    The package is laid out as setuptools installs it (``gateway/`` is
+    ``mailgate``, ``plugins/`` is ``mailgate.plugins``), in symbolic links
+    under ``scratch``; ``checkout`` itself is not touched.
+    """
+    package = scratch / "baseline" / "mailgate"
+    package.mkdir(parents=True)
+    for entry in (checkout / "gateway").iterdir():
+        if entry.name not in ("__pycache__", "plugins"):
+            (package / entry.name).symlink_to(entry.resolve())
+    (package / "plugins").symlink_to((checkout / "plugins").resolve())
+    probe = subprocess.run(
+        [sys.executable, "-c", "import mailgate.plugins; print(mailgate.plugins.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(package.parent)}, capture_output=True, text=True,
+        check=True, cwd=str(scratch),
+    )  # fmt: skip
+    if not probe.stdout.startswith(str(package)):  # the installed mailgate would win
+        raise RuntimeError(f"the baseline imports from {probe.stdout.strip()}, not {package}")
+    return str(package.parent)
+
+
+def start_baseline(scratch: Path, key: str, policy: Path, port: int, path: str) -> Proc:
+    """``mailgate run -c POLICY`` with ``mailgate`` imported from ``path`` (see baseline_path)."""
+    env = {**os.environ, "PYTHONPATH": path}
+    argv = [sys.executable, "-m", "mailgate", "run", "-c", str(policy)]
+    proc = Proc(key, argv, scratch / f"{key}.log", env=env, cwd=str(scratch))
+    wait_banner(port, proc)
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rcpts", choices=("1 rcpt", "5 rcpt"), default="1 rcpt")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output file")
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout to compare")
     args = p.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "gateway" / "__init__.py").is_file():
+        print(f"{args.baseline}: not a mailgate checkout (no gateway/__init__.py)", file=sys.stderr)
+        return 2
     if not shutil.which("smtp-source"):
         print("smtp-source is needed (bench/install-postfix-tools)", file=sys.stderr)
         return 2
@@ -61,15 +106,21 @@ def main(argv: list[str] | None = None) -> int:
             sink, sink_port = systems.start_sink(folder)
             procs.append(sink)
             targets = []
+            base = None if args.baseline is None else baseline_path(args.baseline, folder)
             for template in args.policies.split(","):
-                port, key = free_port(), Path(template).stem
-                policy = systems.compose_policy(
-                    template, folder / f"{key}.yaml", port=port, sink_port=sink_port,
-                    dns=dns.address, workers=args.workers,
-                )  # fmt: skip
-                proc = systems.start_mailgate(folder, key, policy.path, port)
-                procs.append(proc)
-                targets.append(System(key, key, port, proc))
+                for suffix in ("", "@base") if base else ("",):
+                    port, key = free_port(), Path(template).stem + suffix
+                    policy = systems.compose_policy(
+                        template, folder / f"{key}.yaml", port=port, sink_port=sink_port,
+                        dns=dns.address, workers=args.workers,
+                    )  # fmt: skip
+                    if suffix:
+                        assert base is not None
+                        proc = start_baseline(folder, key, policy.path, port, base)
+                    else:
+                        proc = systems.start_mailgate(folder, key, policy.path, port)
+                    procs.append(proc)
+                    targets.append(System(key, key, port, proc))
             for system in targets:
                 warm = load_run(system, "1 rcpt", 300, gen, sink_port)
                 if warm.error:
@@ -78,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu: dict[str, list[float]] = {s.key: [] for s in targets}
             rate: dict[str, list[float]] = {s.key: [] for s in targets}
             for rnd in range(args.rounds):
-                for system in targets:
+                for system in targets if rnd % 2 == 0 else targets[::-1]:
                     spy = None
                     if args.profile and rnd == args.rounds - 1 and system is targets[0]:
                         assert system.proc is not None
@@ -116,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
                 runs = " ".join(f"{c:.2f}" for c in cpu[key])
                 print(f"| {key} | {statistics.median(cpu[key]):.2f} | {runs} | "
                       f"{statistics.median(rate[key]):.0f} |")  # fmt: skip
+            for key in cpu:
+                if key.endswith("@base") or f"{key}@base" not in cpu:
+                    continue
+                saved = [b - n for b, n in zip(cpu[f"{key}@base"], cpu[key], strict=True)]
+                base_cpu = statistics.median(cpu[f"{key}@base"])
+                new_cpu = statistics.median(cpu[key])
+                print(f"{key}: baseline {base_cpu:.3f}, this tree {new_cpu:.3f} "
+                      f"ms/msg; saved per round (paired) median {statistics.median(saved):.3f} "
+                      f"({100 * statistics.median(saved) / base_cpu:.1f} %), rounds "
+                      + " ".join(f"{d:+.3f}" for d in saved))  # fmt: skip
     finally:
         for proc in reversed(procs):
             proc.stop()

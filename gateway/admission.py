@@ -78,17 +78,22 @@ class ConnectionCounter:
         _give_back(self.data_per_ip, ip)
 
 
+# An address is hashed on every dict access (ipaddress computes hash(hex(int)) each
+# time), four times a message each way: one read and one write each, no __missing__.
 def _take(counts: Counter[IPAddress], ip: IPAddress, limit: int) -> bool:
-    if counts[ip] >= limit:
+    held = counts.get(ip, 0)
+    if held >= limit:
         return False
-    counts[ip] += 1
+    counts[ip] = held + 1
     return True
 
 
 def _give_back(counts: Counter[IPAddress], ip: IPAddress) -> None:
-    counts[ip] -= 1
-    if counts[ip] <= 0:
-        del counts[ip]
+    held = counts.get(ip, 0) - 1
+    if held <= 0:
+        counts.pop(ip, None)
+    else:
+        counts[ip] = held
 
 
 class MemoryBudget:

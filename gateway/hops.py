@@ -27,7 +27,18 @@ def hop_count(raw: bytes) -> int:
     if raw.startswith(b"\r\n"):
         return 0  # no header section at all
     end = raw.find(b"\r\n\r\n")
-    return len(_RECEIVED.findall(raw, 0, len(raw) if end < 0 else end + 2))
+    stop = len(raw) if end < 0 else end + 2
+    # The pattern is tried only where a line starts with "received" in any case
+    # (bytes.lower folds ASCII only, as re.IGNORECASE does for bytes): a search
+    # over the whole section for the pattern anchored at every line cost 3.4 us.
+    section = raw[:stop].lower()
+    count, start = 0, 0 if section.startswith(b"received") else section.find(b"\nreceived")
+    while start >= 0:
+        begin = start + 1 if section[start] == 10 else start  # past the LF
+        if _RECEIVED.match(raw, begin, stop):
+            count += 1
+        start = section.find(b"\nreceived", begin + 8)
+    return count
 
 
 def too_many_hops(raw: bytes, limit: int) -> tuple[Reply, VerdictRecord] | None:

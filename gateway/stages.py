@@ -45,6 +45,8 @@ from mailgate.verdict import Action, Reply, Verdict, VerdictError, contradiction
 log = logging.getLogger("mailgate.plugins")
 
 PLUGIN_FAILURE = Reply(451, "Temporary filter failure, try again later", "4.3.0")
+_PLAIN = frozenset({Verdict, list, tuple})
+"""Result types that are never awaitable: returned as they are, without the ABC checks."""
 
 
 def bad_result(result: object) -> str | None:
@@ -134,6 +136,8 @@ class StageRunner:
         started = time.perf_counter()
         try:
             result = impl.function(*[kwargs[name] for name in impl.argnames])
+            if result is None or type(result) in _PLAIN:
+                return result  # a plain hook's answer (most are): no awaitable checks
             if isinstance(result, Coroutine):
                 # Run the first step here: a hook that returns without suspending (most
                 # do) needs no timer. One that suspends goes on under the deadline that
@@ -157,7 +161,10 @@ class StageRunner:
     ) -> StageOutcome:
         """Run the ``stage`` hook; record verdicts and add tags to ``card``."""
         started = time.perf_counter()
-        outcome = await self._run_stage(stage, card, txn_id, kwargs)
+        if self._impls[stage]:
+            outcome = await self._run_stage(stage, card, txn_id, kwargs)
+        else:
+            outcome = StageOutcome()  # no plugin implements it: no coroutine to run
         self.observer.stage_done(stage, outcome, time.perf_counter() - started)
         return outcome
 

@@ -89,6 +89,7 @@ SINGLETONS = [
 REPAIRABLE = {"message-id": "Message-ID", "date": "Date"}
 MAX_FROM_LENGTH = 4000  # longer From values are not handed to the email parser
 _FIELD_NAME = re.compile(rb"[!-9;-~]+")
+_PLAIN_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:(.*)", re.DOTALL)
 # One mailbox in its plainest forms: a@b.c, Name <a@b.c>, "Name, Q." <a@b.c>.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
 _ADDR_SPEC = rf"({_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*)"
@@ -206,20 +207,21 @@ def _split_plain(raw: bytes, config: HeadersConfig) -> tuple[list[_Field], bytes
     end = raw.find(b"\r\n\r\n")
     if end < 0 or end + 2 > config.max_header_size:
         return None
+    lines = raw[:end].split(b"\r\n")
+    if max(map(len, lines)) > config.max_line_length:
+        return None
     fields: list[_Field] = []
-    longest = config.max_line_length
-    for line in raw[:end].split(b"\r\n"):
-        if len(line) > longest:
-            return None
+    for line in lines:
         if line[:1] in (b" ", b"\t"):
             if not fields or not line.strip(b" \t"):
                 return None
             fields[-1].value += b" " + line.lstrip(b" \t")
             continue
-        colon = line.find(b":")
-        if colon < 0 or not _FIELD_NAME.fullmatch(name := line[:colon].rstrip(b" \t")):
+        # The name before the first colon (blanks before the colon aside) and the value.
+        field = _PLAIN_FIELD.fullmatch(line)
+        if field is None:
             return None
-        fields.append(_Field(name.decode("ascii"), line[colon + 1 :].strip(b" \t")))
+        fields.append(_Field(field[1].decode("ascii"), field[2].strip(b" \t")))
     return fields, raw[: end + 4]
 
 
