@@ -17,6 +17,7 @@ import threading
 
 import pytest
 
+from mailgate.admission import MemoryBudget
 from mailgate.policy import Limits, Listener, Policy
 from mailgate.smtpserver import MESSAGE_TOO_BIG, SmtpServer
 from mailgate.verdict import Reply
@@ -119,7 +120,9 @@ def read_in_pieces(pieces: list[bytes], limits: Limits) -> bytes | Reply | None:
     """What ``SmtpServer`` makes of a DATA block that arrives in exactly these reads."""
 
     async def run() -> bytes | Reply | None:
-        server = SmtpServer(None, Listener(), Policy(hostname="mailgate.test", limits=limits))
+        # A budget of its own: the reader charges it, and no DATA command is here to give it back.
+        policy = Policy(hostname="mailgate.test", limits=limits)
+        server = SmtpServer(None, Listener(), policy, budget=MemoryBudget())
         server._state = "open"
         reader = asyncio.ensure_future(server._read_message())
         for piece in pieces:
