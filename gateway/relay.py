@@ -31,6 +31,7 @@ from typing import Protocol
 import aiosmtplib
 from aiosmtplib.protocol import MAX_LINE_LENGTH, SMTPProtocol
 
+from mailgate.deadline import LazyDeadline
 from mailgate.dns import Resolver
 from mailgate.lineendings import bare_line_endings, normalize
 from mailgate.policy import Upstream as UpstreamConfig
@@ -107,23 +108,6 @@ def strict_replies(client: aiosmtplib.SMTP) -> None:
     setattr(protocol, "read_response", _reader(protocol))  # noqa: B010 - shadows a method
 
 
-class _Watch:
-    """The read deadline of one upstream connection, kept by one lazy timer handle."""
-
-    __slots__ = ("at", "deadline", "handle", "waiter")
-
-    def __init__(self) -> None:
-        self.waiter: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
-        """The reply being waited for under ``deadline``; None between reads."""
-        self.deadline = 0.0
-        self.handle: asyncio.TimerHandle | None = None
-        self.at = 0.0
-        """When ``handle`` fires."""
-
-
-_TIMER_SLACK = 0.001  # a timer may fire up to this early (uvloop rounds to milliseconds)
-
-
 def _reader(
     protocol: SMTPProtocol,
 ) -> Callable[[float | None], Awaitable[aiosmtplib.SMTPResponse]]:
@@ -131,26 +115,17 @@ def _reader(
 
     The same steps and errors as ``SMTPProtocol.read_response``, whose
     ``asyncio.wait_for`` builds a second future and task callbacks around every
-    reply (4 per message); here the deadline fails the waiter itself. The
-    connection keeps one timer handle for all its reads (a handle made and
-    cancelled per read cost about 0.45 us under uvloop): a read sets the deadline,
-    and the handle is re-made only when it would fire later than that; when
-    it fires before the deadline it is set again for it, and between reads it
-    does nothing.
+    reply (4 per message); here the deadline (:class:`~mailgate.deadline.LazyDeadline`,
+    one handle for all the connection's reads) fails the waiter itself.
     """
     loop = protocol._loop
-    watch = _Watch()
+    waiting: list[asyncio.Future[aiosmtplib.SMTPResponse]] = []  # the reply under the deadline
 
-    def check() -> None:
-        watch.handle = None
-        waiter = watch.waiter
-        if waiter is None or waiter.done():
-            return
-        if loop.time() < watch.deadline - _TIMER_SLACK:
-            watch.handle = loop.call_at(watch.deadline, check)
-            watch.at = watch.deadline
-            return
-        waiter.set_exception(TimeoutError())
+    def expired() -> None:
+        if waiting and not waiting[0].done():
+            waiting[0].set_exception(TimeoutError())
+
+    deadline = LazyDeadline(loop, expired)
 
     async def read_response(timeout: float | None = None) -> aiosmtplib.SMTPResponse:  # noqa: ASYNC109 - aiosmtplib's signature
         waiter = protocol._response_waiter
@@ -158,23 +133,20 @@ def _reader(
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         protocol._response_pending = True
         if timeout is not None:
-            deadline = loop.time() + timeout
-            watch.waiter, watch.deadline = waiter, deadline
-            if watch.handle is None or watch.at > deadline:
-                if watch.handle is not None:
-                    watch.handle.cancel()
-                watch.handle = loop.call_at(deadline, check)
-                watch.at = deadline
+            waiting[:] = [waiter]
+            deadline.set(loop.time() + timeout)
         try:
             return await waiter
         except TimeoutError as exc:
             raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
         finally:
-            watch.waiter = None
+            waiting.clear()
             protocol._response_pending = False
             if protocol.transport is None:
+                deadline.cancel()
                 protocol._response_waiter = None
             else:
+                deadline.clear()
                 protocol._response_waiter = loop.create_future()
 
     return read_response

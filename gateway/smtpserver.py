@@ -80,6 +80,7 @@ from mailgate.admission import (
     MemoryBudget,
 )
 from mailgate.context import IPAddress, VerdictRecord
+from mailgate.deadline import LazyDeadline
 from mailgate.decisionlog import emit_fields, log_connection
 from mailgate.policy import Listener, Policy
 from mailgate.proxyproto import ProxyRefused, peer_ip, real_client
@@ -132,7 +133,6 @@ _Path = tuple[str, list[str], dict[str, str | bool]]
 """A MAIL/RCPT path: the address, the upper-cased parameters, and them parsed."""
 _OVERLONG = 4096  # a command line past this is dropped as it arrives
 _PAUSE_AT = 256 * 1024  # pipelined command bytes held before we stop reading
-_TIMER_SLACK = 0.001  # a timer may fire up to this early (uvloop rounds to milliseconds)
 _BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 _JUNK = frozenset({"NOOP", "RSET", "VRFY"})
 _PRINTABLE = re.compile(r"[ -~]+")
@@ -221,10 +221,9 @@ class SmtpServer(asyncio.Protocol):
         self._writing_paused: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
         self._overlong = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf  # when self._timer fires
-        self._deadline: float | None = None  # when the wait on the client times out; None: no wait
-        self._reason = ""  # what the client is told when it does
+        self._timer = LazyDeadline(self.loop, lambda: self._timed_out(self._reason))
+        """The timeout of the current wait on the client (no wait: no deadline)."""
+        self._reason = ""  # what the client is told when it passes
         self._in_data = False
         self._data_deadline: float | None = None
         self._accepted_at = 0.0
@@ -266,7 +265,7 @@ class SmtpServer(asyncio.Protocol):
         """Buffer what the client sent; in DATA, every chunk restarts the idle part of the timer."""
         self._buf += data
         if self._in_data:
-            if self._deadline is not None:
+            if self._timer.deadline is not None:
                 self._arm()
             # The reader has not yet charged the last read to the memory budget: stop until
             # it has (uvloop reads a socket up to 32 times before the reader runs).
@@ -295,10 +294,7 @@ class SmtpServer(asyncio.Protocol):
         self._end_data()
         if self._claimed is not None:
             self.counter.release(self._claimed)
-        self._stop_timer()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         self._wake()
         if self._writing_paused is not None and not self._writing_paused.done():
             self._writing_paused.set_result(None)
@@ -427,7 +423,7 @@ class SmtpServer(asyncio.Protocol):
                 del self._buf[: end + 1]
                 self._scan = 0
                 if armed:
-                    self._stop_timer()
+                    self._timer.clear()
                 return line
             if len(self._buf) > _OVERLONG:
                 self._overlong = True
@@ -482,13 +478,13 @@ class SmtpServer(asyncio.Protocol):
                 scan = max(len(buf) - 4, 0)
                 if self._eof or self._state != "open":
                     return None
-                if self._deadline is None:
+                if self._timer.deadline is None:
                     self._arm()
                 await self._wait()
         finally:
             self._in_data = False
             self._data_deadline = None
-            self._stop_timer()
+            self._timer.clear()
         if refusal is not None and dropped - stuffed + end - buf.count(b"\r\n..", 0, end) > limit:
             refusal = MESSAGE_TOO_BIG  # permanent: it takes precedence over the memory's 4xx
         if refusal is not None:
@@ -600,15 +596,7 @@ class SmtpServer(asyncio.Protocol):
     # ------------------------------------------------------------ timers
 
     def _arm(self) -> None:
-        """Start the timeout of a wait on the client, with the nearest limit.
-
-        One timer handle serves every wait of the connection (a handle per wait,
-        made and cancelled, cost about 0.45 us under uvloop, ten per message): a
-        wait only sets its deadline, and the handle is re-made only when the new
-        deadline is nearer than the one it fires at. When it fires early (the
-        deadline moved on) it is set again for the deadline; when no wait is on
-        (:meth:`_stop_timer`), it does nothing.
-        """
+        """Start the timeout of a wait on the client, with the nearest limit."""
         if self._state != "open":
             return
         now = self.loop.time()
@@ -617,31 +605,11 @@ class SmtpServer(asyncio.Protocol):
             reason, delay = "DATA took too long", self._data_deadline - now
         if self._session_deadline - now < delay:
             reason, delay = "Session time limit reached", self._session_deadline - now
-        deadline = now + max(delay, 0.0)
-        self._deadline, self._reason = deadline, reason
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._check_timer)
-            self._timer_at = deadline
-
-    def _stop_timer(self) -> None:
-        """The wait on the client is over (the handle stays, for the next wait)."""
-        self._deadline = None
-
-    def _check_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return  # no wait on the client now: the next one sets the timer again
-        if self.loop.time() < deadline - _TIMER_SLACK:
-            self._timer = self.loop.call_at(deadline, self._check_timer)
-            self._timer_at = deadline
-            return
-        self._timed_out(self._reason)
+        self._reason = reason
+        self._timer.set(now + max(delay, 0.0))
 
     def _timed_out(self, reason: str) -> None:
-        self._deadline = None
+        self._timer.clear()
         self._shut(Reply(421, f"{reason}, closing connection", "4.4.2"), "timeout")
 
     # ------------------------------------------------------------ commands
@@ -935,7 +903,7 @@ class SmtpServer(asyncio.Protocol):
             self._close()
             return
         finally:
-            self._stop_timer()
+            self._timer.clear()
         if transport is None:
             self._close()
             return
