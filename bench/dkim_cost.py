@@ -15,7 +15,6 @@ Run: ``python -m bench.dkim_cost [--count 300] [--rounds 5] [--size 4096] [--bla
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import statistics
 import time
@@ -24,10 +23,10 @@ from collections.abc import Callable
 import dkim
 import nacl.encoding
 import nacl.signing
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailgate.plugins._dkimverify import FastDKIM
+from tests.authsupport import rsa_pem_and_record
 
 KEYS = ("rsa-1024", "rsa-2048", "rsa-4096", "ed25519")
 
@@ -40,15 +39,8 @@ def make_key(kind: str) -> tuple[bytes, bytes, bytes]:
         seed = signing.encode(encoder=nacl.encoding.Base64Encoder)
         return seed, b"v=DKIM1; k=ed25519; p=" + public, b"ed25519-sha256"
     key = rsa.generate_private_key(public_exponent=65537, key_size=int(kind.split("-")[1]))
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(der), b"rsa-sha256"
+    pem, record = rsa_pem_and_record(key)
+    return pem, record.encode(), b"rsa-sha256"
 
 
 def message(size: int, blanks: bool = False) -> bytes:
