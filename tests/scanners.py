@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import pytest
 
 from tests.ops_support import need_binary
 from tests.redis_support import free_port
+from tests.tcpserver import LoopbackTcpServer
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 EICAR = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -332,7 +332,7 @@ def clamd(scanner_root: Path) -> Iterator[Daemon]:
     daemon.stop()
 
 
-class FakeScanner:
+class FakeScanner(LoopbackTcpServer):
     """A loopback TCP server that reads a request and answers ``reply`` (or nothing).
 
     ``mode``: ``answer`` (send ``reply``, close), ``silent`` (read, never answer),
@@ -344,36 +344,16 @@ class FakeScanner:
         self.reply = reply
         self.mode = mode
         self.request_end = request_end
-        self.connections = 0
         self.requests: list[bytes] = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.2)
-        self.port: int = self._sock.getsockname()[1]
-        self._stopping = threading.Event()
-        self._open: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     @property
     def address(self) -> str:
         """``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            self._open.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        """Read the request, then answer as ``mode`` says."""
         conn.settimeout(0.5)
         got = b""
         deadline = time.monotonic() + 5
@@ -399,15 +379,6 @@ class FakeScanner:
                 conn.sendall(self.reply)
         with contextlib.suppress(OSError):
             conn.close()
-
-    def stop(self) -> None:
-        """Stop listening and drop every open connection."""
-        self._stopping.set()
-        self._sock.close()
-        for conn in self._open:
-            with contextlib.suppress(OSError):
-                conn.close()
-        self._thread.join(5)
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ import asyncio
 import json
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from mailgate.testing import LoopThread, RecordingUpstream, _RecordingHandler, w
 from tests.ops_support import mailgate, sample, scrape, wait_until
 from tests.rawsmtp import RawClient
 from tests.support import MESSAGE
+from tests.tcpserver import LoopbackTcpServer
 from tests.upstreams import ScriptedUpstream, _CountingSMTP
 
 EHLO = b"EHLO client.example.net"
@@ -289,42 +288,21 @@ def test_run_on_a_metrics_address_in_use_is_one_line_and_exit_1(tmp_path, taken)
 # ------------------------------------------------------------------ 4: a silent upstream
 
 
-@dataclass
-class SilentUpstream:
+class SilentUpstream(LoopbackTcpServer):
     """Accepts TCP and then says nothing (or only its greeting); counts connections and EOFs."""
 
-    greet: bool = False
-    connections: int = 0
-    closed: int = 0
-    port: int = 0
-    _sock: socket.socket = field(default_factory=socket.socket)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    def __init__(self, greet: bool = False) -> None:
+        self.greet = greet
+        self.closed = 0
+        super().__init__()
 
-    def start(self) -> None:
-        """Listen on 127.0.0.1:0 and serve each connection in a thread."""
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen()
-        self._sock.settimeout(0.2)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        """Greet if asked, then read until the client goes away (counted in ``closed``)."""
         with conn:
             conn.settimeout(0.2)
             if self.greet:
                 conn.sendall(b"220 silent.test ESMTP\r\n")
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 try:
                     if not conn.recv(4096):
                         self.closed += 1
@@ -335,18 +313,12 @@ class SilentUpstream:
                     self.closed += 1
                     return
 
-    def stop(self) -> None:
-        """Stop accepting and let go of every connection."""
-        self._stop.set()
-        self._sock.close()
-
 
 @pytest.mark.parametrize("greet", [False, True], ids=["no-greeting", "greeting-only"])
 def test_a_connect_cut_by_the_handoff_budget_closes_and_marks_the_server_down(
     make_gateway, tmp_path, greet
 ):
     silent = SilentUpstream(greet=greet)
-    silent.start()
     try:
         upstream = {"url": f"smtp://127.0.0.1:{silent.port}", "connect_timeout": "20s"}
         queue = {"directory": str(tmp_path / "spool"), "handoff_timeout": "2s"}
