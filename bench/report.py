@@ -110,6 +110,7 @@ def ratio_rows(results: Results, by: str = "rate") -> list[Row]:
     if by == "rate":
         row("mailgate default w1 / direct", "mg-default-w1", "direct", "(info)", None)
         row("naive relay / direct", "naive", "direct", "(info)", None)
+        row("HAProxy TCP pass-through / direct", "haproxy-tcp", "direct", "(info)", None)
     return rows
 
 
@@ -161,6 +162,7 @@ def _load_sections(results: Results) -> list[str]:
                     better.append(f"{what}: {results.systems[best]['label']}")
     if better:
         out += ["", "The better Haraka variant: " + "; ".join(better) + "."]
+    out += _machine_table(results)
     out += ["", "### Latency: one sequential client, one session per message (ms)", ""]
     out.append("| system | messages | mean | p50 | p99 | added mean | added p50 | added p99 |")
     out.append("|---|---|---|---|---|---|---|---|")
@@ -173,6 +175,29 @@ def _load_sections(results: Results) -> list[str]:
             f"| {results.systems[key]['label']} | {lat['messages']:.0f} | {lat['mean']:.2f} | "
             f"{lat['p50']:.2f} | {lat['p99']:.2f} | " + " | ".join(added) + " |"
         )
+    return out
+
+
+def _machine_table(results: Results) -> list[str]:
+    """The machine's CPU during each system's throughput runs (medians of the rounds)."""
+    if not any(r.machine for r in results.runs):
+        return []
+    out = ["", "### The machine's CPU during the throughput runs (% of all cores, medians)", "",
+           "user / system / softirq / idle. Loopback TCP work done in softirq context is in"
+           " no process's CPU ms/msg above; idle near 10 % or less means the machine is full.",
+           "", "| system | 1 rcpt | 5 rcpt |", "|---|---|---|"]  # fmt: skip
+    for key, info in results.systems.items():
+        cells = []
+        for w in WORKLOADS:
+            runs = [r.machine for r in results.runs if r.system == key and r.workload == w]
+            runs = [m for m in runs if m]
+            kinds = ("user", "system", "softirq", "idle")
+            cells.append(
+                " / ".join(f"{statistics.median(m[k] for m in runs):.0f}" for k in kinds)
+                if runs
+                else "-"
+            )
+        out.append(f"| {info['label']} | " + " | ".join(cells) + " |")
     return out
 
 

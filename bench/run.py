@@ -6,9 +6,10 @@ PID at the end, whatever happens):
 1. builds a 4 KB DKIM-signed message and serves its SPF/DKIM/DMARC records
    from a DNS server on loopback;
 2. starts the sink, mailgate (default policy, workers 1 and 2; full policy;
-   content policy, with private rspamd and clamd),
-   the naive relay and Haraka (nodes 0 and 2; Nagle as shipped and with
-   TCP_NODELAY forced; with its ``headers`` plugin for the full comparison);
+   content policy, with private rspamd and clamd), the naive relay, HAProxy
+   as a TCP pass-through (when installed: the floor for any proxy) and
+   Haraka (nodes 0 and 2; Nagle as shipped and with TCP_NODELAY forced; with
+   its ``headers`` plugin for the full comparison);
 3. memory, before any load: RSS added by 1,000 idle connections;
 4. throughput: for each system, ``--reps`` interleaved rounds of
    ``--messages`` messages from ``--concurrency`` parallel clients, one SMTP
@@ -61,6 +62,8 @@ class LoadRun:
     cpu_ms: float | None
     """CPU milliseconds per message of the system's processes (None for direct)."""
     error: str | None = None
+    machine: dict[str, float] = field(default_factory=dict)
+    """Shares (%) of the machine's CPU time during the run: user, system, softirq, idle."""
 
 
 @dataclass
@@ -129,6 +132,34 @@ def settled_count(sink_port: int, expected: int, wait: float = 5.0) -> driver.Si
     return count
 
 
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> dict[str, int]:
+    """The machine's CPU time so far by kind (the ``cpu`` line of /proc/stat), in ticks."""
+    with contextlib.suppress(OSError):
+        with open("/proc/stat") as stat:
+            values = stat.readline().split()[1:]
+        return dict(zip(_STAT_FIELDS, map(int, values), strict=False))
+    return {}
+
+
+def machine_shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """user, system, softirq and idle as % of all the CPU time between two readings.
+
+    The kernel's loopback TCP work done in softirq context is in no process's
+    CPU time; this is where it shows.
+    """
+    spent = {k: after[k] - before[k] for k in before if k in after}
+    total = sum(spent.values())
+    if total <= 0:
+        return {}
+    kinds = {"user": ("user", "nice"), "system": ("system",), "softirq": ("softirq", "irq")}
+    shares = {kind: 100 * sum(spent.get(k, 0) for k in ks) / total for kind, ks in kinds.items()}
+    shares["idle"] = 100 * (spent.get("idle", 0) + spent.get("iowait", 0)) / total
+    return shares
+
+
 def load_run(
     system: System, workload: str, messages: int, gen: LoadGenerator, sink_port: int
 ) -> LoadRun:
@@ -136,7 +167,9 @@ def load_run(
     rcpts = WORKLOADS[workload]
     driver.sink_command(sink_port, "XRESET")
     cpu0 = system.proc.cpu_seconds() if system.proc else 0.0
+    ticks = machine_ticks()
     seconds, error = gen.send(system.port, messages, rcpts, timeout=max(120.0, messages / 20))
+    machine = machine_shares(ticks, machine_ticks())
     count = settled_count(sink_port, messages)
     cpu_ms = (system.proc.cpu_seconds() - cpu0) * 1000 / messages if system.proc else None
     unverified = None
@@ -144,7 +177,7 @@ def load_run(
         unverified = f"dkim=pass and spf=pass on {count.verified} of {messages} messages"
     problem = "; ".join(p for p in (error, count.check(messages), unverified) if p) or None
     rate = None if problem else messages / seconds
-    return LoadRun(system.key, workload, messages, seconds, rate, cpu_ms, problem)
+    return LoadRun(system.key, workload, messages, seconds, rate, cpu_ms, problem, machine)
 
 
 # ---------------------------------------------------------------- the run
@@ -338,6 +371,14 @@ def start_systems(
         port = free_port()
         procs.append(systems.start_naive(run_dir, port, sink_port))
         out.append(System("naive", "naive relay (aiosmtpd + aiosmtplib)", port, procs[-1]))
+    if wanted("haproxy-tcp"):
+        if (binary := systems.haproxy_binary()) is None:
+            results.notes.append("HAProxy TCP pass-through not measured: haproxy is not installed")
+        else:
+            port = free_port()
+            procs.append(systems.start_haproxy(run_dir, binary, port, sink_port))
+            label = "HAProxy TCP pass-through, 2 threads (C, no SMTP: the floor)"
+            out.append(System("haproxy-tcp", label, port, procs[-1]))
     why_not = haraka.available()
     if args.no_haraka:
         results.notes.append("Haraka not measured (--no-haraka)")
@@ -459,6 +500,7 @@ def _memory_systems(sys_list: list[System]) -> list[System]:
         if s.proc is not None
         and s.processes == 1
         and "headers" not in s.key
+        and s.key != "haproxy-tcp"
         and not (s.key.startswith("hk") and "-full" in s.key)
         and not (s.key.startswith("hk") and not s.key.endswith("nodelay"))  # Nagle: same RSS
     ]

@@ -6,6 +6,7 @@ port of its own and delivers into the one sink.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,5 +139,41 @@ def start_naive(scratch: Path, port: int, sink_port: int) -> Proc:
     """Run the naive relay and wait for its banner."""
     argv = [sys.executable, "-m", "bench.naive_relay", str(port), str(sink_port)]
     proc = Proc("naive", argv, scratch / "naive.log", cwd=str(REPO))
+    wait_banner(port, proc)
+    return proc
+
+
+HAPROXY_CONFIG = """\
+global
+    nbthread 2
+    maxconn 2000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend smtp
+    bind 127.0.0.1:{port}
+    default_backend sink
+backend sink
+    server sink 127.0.0.1:{sink_port}
+"""
+
+
+def haproxy_binary() -> str | None:
+    """The path of ``haproxy`` (Debian puts it in /usr/sbin), or None."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+
+
+def start_haproxy(scratch: Path, binary: str, port: int, sink_port: int) -> Proc:
+    """HAProxy in TCP mode between the load and the sink, two threads; wait for the banner.
+
+    It parses no SMTP and checks nothing: each client connection gets its own
+    connection to the sink, and bytes are copied both ways. What a proxy
+    written in C costs on this machine, the floor for any gateway in the path.
+    """
+    config = scratch / "haproxy-tcp.cfg"
+    config.write_text(HAPROXY_CONFIG.format(port=port, sink_port=sink_port))
+    proc = Proc("haproxy-tcp", [binary, "-f", str(config)], scratch / "haproxy-tcp.log")
     wait_banner(port, proc)
     return proc
