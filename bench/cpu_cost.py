@@ -15,7 +15,8 @@ A policy is a name in ``bench/policies`` or a path to a YAML file (ending
 in ``.yaml``) of the same form.
 
 With ``--baseline DIR`` (another checkout of mailgate, such as ``git worktree
-add /tmp/before main``) each policy also runs on a second gateway made of
+add /tmp/before main``, or a folder holding an importable ``mailgate``
+package) each policy also runs on a second gateway made of
 DIR's code (``POLICY@base``), started beside this tree's with the same load,
 rounds interleaved and their order alternated, and the paired difference of
 each round is printed: the way to compare two versions on a shared machine,
@@ -48,14 +49,19 @@ def baseline_path(checkout: Path, scratch: Path) -> str:
 
     The package is laid out as setuptools installs it (``gateway/`` is
     ``mailgate``, ``plugins/`` is ``mailgate.plugins``), in symbolic links
-    under ``scratch``; ``checkout`` itself is not touched.
+    under ``scratch``; ``checkout`` itself is not touched. A folder that holds
+    an importable ``mailgate/`` already (a copy of the package compiled with
+    mypyc, say, with its shared library beside it) is used as it is.
     """
-    package = scratch / "baseline" / "mailgate"
-    package.mkdir(parents=True)
-    for entry in (checkout / "gateway").iterdir():
-        if entry.name not in ("__pycache__", "plugins"):
-            (package / entry.name).symlink_to(entry.resolve())
-    (package / "plugins").symlink_to((checkout / "plugins").resolve())
+    if (checkout / "mailgate" / "__init__.py").is_file():
+        package = checkout / "mailgate"
+    else:
+        package = scratch / "baseline" / "mailgate"
+        package.mkdir(parents=True)
+        for entry in (checkout / "gateway").iterdir():
+            if entry.name not in ("__pycache__", "plugins"):
+                (package / entry.name).symlink_to(entry.resolve())
+        (package / "plugins").symlink_to((checkout / "plugins").resolve())
     probe = subprocess.run(
         [sys.executable, "-c", "import mailgate.plugins; print(mailgate.plugins.__file__)"],
         env={**os.environ, "PYTHONPATH": str(package.parent)}, capture_output=True, text=True,
@@ -84,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rcpts", choices=("1 rcpt", "5 rcpt"), default="1 rcpt")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output file")
-    p.add_argument("--baseline", type=Path, default=None, help="another checkout to compare")
+    p.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout, or a mailgate package folder"
+    )
     args = p.parse_args(argv)
-    if args.baseline is not None and not (args.baseline / "gateway" / "__init__.py").is_file():
-        print(f"{args.baseline}: not a mailgate checkout (no gateway/__init__.py)", file=sys.stderr)
+    if args.baseline is not None and not any(
+        (args.baseline / name / "__init__.py").is_file() for name in ("gateway", "mailgate")
+    ):
+        print(
+            f"{args.baseline}: neither a mailgate checkout (gateway/__init__.py) nor a folder "
+            "holding the mailgate package (mailgate/__init__.py)",
+            file=sys.stderr,
+        )
         return 2
     if not shutil.which("smtp-source"):
         print("smtp-source is needed (bench/install-postfix-tools)", file=sys.stderr)
