@@ -164,17 +164,24 @@ def _load_sections(results: Results) -> list[str]:
         out += ["", "The better Haraka variant: " + "; ".join(better) + "."]
     out += _machine_table(results)
     out += ["", "### Latency: one sequential client, one session per message (ms)", ""]
-    out.append("| system | messages | mean | p50 | p99 | added mean | added p50 | added p99 |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append(
+        "| system | messages | mean | p50 | p99 | added mean | added p50 | added p99 "
+        "| added p99, paired |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|")
     direct = results.latency.get("direct")
     for key, lat in results.latency.items():
         added = ["-", "-", "-"]
         if direct and key != "direct":
             added = [f"{lat[s] - direct[s]:+.2f}" for s in ("mean", "p50", "p99")]
+        paired = lat.get("added_p99_paired")
+        added.append(f"{paired:+.2f}" if paired is not None else "-")
         out.append(
             f"| {results.systems[key]['label']} | {lat['messages']:.0f} | {lat['mean']:.2f} | "
             f"{lat['p50']:.2f} | {lat['p99']:.2f} | " + " | ".join(added) + " |"
         )
+    out += ["", "Added p99, paired: the 99th percentile of (this system's time - the direct "
+            "time) over the messages, message n of each sent one after the other."]  # fmt: skip
     return out
 
 
@@ -257,9 +264,11 @@ def _targets(results: Results) -> list[str]:
             lines.append(f"- {what} {target} ({view}): {shown} -> {'met' if ok else 'MISSED'}")
     lat, direct = results.latency.get("mg-default-w1"), results.latency.get("direct")
     if lat and direct:
-        added = lat["p99"] - direct["p99"]
+        paired = lat.get("added_p99_paired")
+        added, how = (paired, "paired") if paired is not None else (lat["p99"] - direct["p99"], "")
         lines.append(
-            f"- added p99 latency < 3 ms: {added:+.2f} ms -> {'met' if added < 3 else 'MISSED'}"
+            f"- added p99 latency < 3 ms{f' ({how})' if how else ''}: {added:+.2f} ms -> "
+            f"{'met' if added < 3 else 'MISSED'}"
         )
     cpu = _median_cpu(results, "mg-default-w1", "1 rcpt")
     if cpu is not None:
