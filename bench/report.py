@@ -193,17 +193,14 @@ def _machine_table(results: Results) -> list[str]:
            "user / system / softirq / idle. Loopback TCP work done in softirq context is in"
            " no process's CPU ms/msg above; idle near 10 % or less means the machine is full.",
            "", "| system | 1 rcpt | 5 rcpt |", "|---|---|---|"]  # fmt: skip
+    kinds = ("user", "system", "softirq", "idle")
     for key, info in results.systems.items():
         cells = []
         for w in WORKLOADS:
-            runs = [r.machine for r in results.runs if r.system == key and r.workload == w]
-            runs = [m for m in runs if m]
-            kinds = ("user", "system", "softirq", "idle")
-            cells.append(
-                " / ".join(f"{statistics.median(m[k] for m in runs):.0f}" for k in kinds)
-                if runs
-                else "-"
-            )
+            shares = [r.machine for r in results.runs if r.system == key and r.workload == w]
+            shares = [m for m in shares if m]
+            medians = (f"{statistics.median(m[k] for m in shares):.0f}" for k in kinds)
+            cells.append(" / ".join(medians) if shares else "-")
         out.append(f"| {info['label']} | " + " | ".join(cells) + " |")
     return out
 
