@@ -194,6 +194,8 @@ class Rspamd:
     async def _ask(self, server: Server, headers: CIMultiDict[str], raw: bytes) -> dict[str, Any]:
         import aiohttp
 
+        from mailgate.plugins._rspamdbody import MessageBody
+
         http = self._http[server]
         url = (
             "http://localhost/checkv2"
@@ -203,7 +205,7 @@ class Rspamd:
         )
         for retry in (True, False):
             try:
-                async with http.post(url, data=raw, headers=headers) as response:
+                async with http.post(url, data=MessageBody(raw), headers=headers) as response:
                     if response.status != 200:
                         raise ScanBadAnswer(f"HTTP {response.status}")
                     body = await response.content.read(MAX_ANSWER + 1)
