@@ -46,17 +46,23 @@ class RawClient:
         self.send(line + b"\r\n")
         return self.reply()
 
+    def open_data(
+        self, sender: bytes = b"<alice@example.net>", rcpt: bytes = b"<bob@example.com>"
+    ) -> None:
+        """MAIL, one RCPT and DATA, each of which must pass: the message may follow."""
+        assert self.cmd(b"MAIL FROM:" + sender)[0] == 250
+        assert self.cmd(b"RCPT TO:" + rcpt)[0] == 250
+        assert self.cmd(b"DATA")[0] == 354
+
     def transaction(
         self,
         message: bytes,
         sender: bytes = b"<alice@example.net>",
         rcpt: bytes = b"<bob@example.com>",
     ) -> tuple[int, bytes]:
-        """MAIL, one RCPT and DATA, each of which must pass, then ``message`` (its lines
-        ending in CRLF, dot-stuffed if need be) and the final dot; the reply to the dot."""
-        assert self.cmd(b"MAIL FROM:" + sender)[0] == 250
-        assert self.cmd(b"RCPT TO:" + rcpt)[0] == 250
-        assert self.cmd(b"DATA")[0] == 354
+        """:meth:`open_data`, then ``message`` (its lines ending in CRLF, dot-stuffed if
+        need be) and the final dot; the reply to the dot."""
+        self.open_data(sender, rcpt)
         self.send(message + b".\r\n")
         return self.reply()
 
